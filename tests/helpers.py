@@ -1,0 +1,71 @@
+"""Shared test utilities: the package loaded as users load it, comparisons, poisoning."""
+
+import os
+import pathlib
+
+import pytest
+import torch
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+REPO_ID = "flashrt/MiniMaxAI-msa-blackwell"
+HAS_CUDA = torch.cuda.is_available()
+requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+
+
+def load_msa():
+    """``get_kernel`` through ``LOCAL_KERNELS`` (offline), exactly as users load the Hub package.
+
+    ``MSA_TEST_SOURCE_TREE=1`` is a developer shortcut that imports ``torch-ext/msa_blackwell``
+    without a build (no native ops); CI never sets it.
+    """
+    if os.environ.get("MSA_TEST_SOURCE_TREE") == "1":
+        import importlib
+        import sys
+
+        sys.path.insert(0, str(REPO / "torch-ext"))
+        return importlib.import_module("msa_blackwell")
+    import kernels
+
+    os.environ.setdefault("LOCAL_KERNELS", f"{REPO_ID}={REPO}")
+    return kernels.get_kernel(REPO_ID, version=1)
+
+
+msa = load_msa()
+
+
+def poison_like(t: torch.Tensor) -> torch.Tensor:
+    """Fill with NaN (floats) or a sentinel (ints) so unwritten outputs are caught."""
+    if t.dtype.is_floating_point:
+        return t.fill_(float("nan"))
+    return t.fill_(-12345)
+
+
+def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    a = a.double().flatten()
+    b = b.double().flatten()
+    na, nb = a.norm(), b.norm()
+    if na == 0 and nb == 0:
+        return 1.0
+    return float((a @ b) / (na * nb).clamp_min(1e-300))
+
+
+def assert_close_attn(out, ref, *, atol=1e-2, min_cos=0.9999, what="output"):
+    """The project gate: cosine >= 0.9999 and max-abs <= atol against the float64 reference."""
+    out_d = out.double().cpu()
+    ref_d = ref.double().cpu()
+    assert out_d.shape == ref_d.shape, f"{what}: shape {tuple(out_d.shape)} != {tuple(ref_d.shape)}"
+    assert torch.isfinite(out_d).all(), f"{what}: non-finite values"
+    err = (out_d - ref_d).abs().max().item() if out_d.numel() else 0.0
+    cos = cosine(out_d, ref_d)
+    assert err <= atol, f"{what}: max-abs {err:.3e} > {atol}"
+    assert cos >= min_cos, f"{what}: cosine {cos:.6f} < {min_cos}"
+
+
+def assert_lse_close(lse, ref, *, atol=1e-3, rtol=1e-3):
+    """Finite entries within atol/rtol; empty rows exactly -inf."""
+    lse = lse.double().cpu()
+    ref = ref.double().cpu()
+    inf_ref = torch.isneginf(ref)
+    assert torch.equal(torch.isneginf(lse), inf_ref), "LSE -inf pattern differs from the reference"
+    fin = ~inf_ref
+    torch.testing.assert_close(lse[fin], ref[fin], atol=atol, rtol=rtol)

@@ -1,0 +1,38 @@
+"""msa_blackwell: MiniMax Sparse Attention (MSA) kernels for Hopper and Blackwell GPUs.
+
+A MiniMaxAI/msa-compatible API (see the repository's spec) built on Triton kernels plus a native
+CUDA top-k. Load it as users do::
+
+    from kernels import get_kernel
+    msa = get_kernel("flashrt/MiniMaxAI-msa-blackwell", version=1, trust_remote_code=True)
+"""
+
+from .errors import MsaUnsupportedError
+from .topk import has_native_ops, native_topk_from_scores
+from .decode import (
+    SparseDecodePagedAttentionWrapper,
+    flash_decode_with_gqa_share_sparse,
+    sparse_decode_atten_func,
+)
+from .naive import naive_flash_decode_with_gqa_share_sparse
+from .utils import get_cu_seqblocks, robust_allocator
+from .csr import SparseK2qCsrBuilderSm100, build_k2q_csr
+from .prefill import sparse_atten_func
+
+__all__ = [
+    # official MiniMaxAI/msa names
+    "sparse_atten_func",
+    "sparse_decode_atten_func",
+    "SparseDecodePagedAttentionWrapper",
+    "build_k2q_csr",
+    "SparseK2qCsrBuilderSm100",
+    # direct helpers
+    "has_native_ops",
+    "native_topk_from_scores",
+    "flash_decode_with_gqa_share_sparse",
+    "naive_flash_decode_with_gqa_share_sparse",
+    "get_cu_seqblocks",
+    "robust_allocator",
+    # errors
+    "MsaUnsupportedError",
+]

@@ -1,0 +1,398 @@
+"""Sparse paged decode attention (API.md 5.1, 5.2, 6.2).
+
+All three entry points run the same Triton kernel (``decode_kernel.msa_decode_kernel``) with the same
+shape-only split policy, so equivalent inputs give bitwise-identical outputs:
+
+- ``sparse_decode_atten_func``: paged HND ``k, v [num_pages, Hkv, 128, 128]`` + ``page_table``.
+- ``SparseDecodePagedAttentionWrapper``: the same call, planned once per step; ``run`` is
+  CUDA-graph capturable and uses workspaces allocated in ``plan``.
+- ``flash_decode_with_gqa_share_sparse``: token-major ``k_cache [max_slots, Hkv, D]`` +
+  ``req_to_token`` (peer/SGLang layout).
+
+Split-KV workspaces. When the policy splits the KV work of a (request, KV head), the kernel needs
+fp32 partials and a zeroed int32 counter per (request, KV head, M tile); the counter is reset to
+zero by the kernel itself after use. The functional entry points allocate both per call
+(``torch.empty`` partials + ``torch.zeros`` counter, i.e. one memset), which is safe under CUDA
+graph capture (the memset is captured) and across concurrent streams. The wrapper allocates them
+once in ``plan`` (zeroed eagerly there) and reuses them in every ``run``: one launch per run. As a
+consequence, one planned wrapper must not run concurrently on two streams.
+"""
+
+from typing import Optional, Tuple
+
+import torch
+
+from ._registry import add_op_namespace_prefix
+from ._validate import (
+    FP8,
+    attention_out_dtype,
+    check_devices,
+    check_gqa,
+    check_head_dim,
+    check_positive_int,
+    check_shape,
+    check_tensor,
+    default_scale,
+)
+from .decode_kernel import LAYOUT_HND, LAYOUT_TOKEN, launch, make_plan, workspace_sizes
+from .errors import MsaUnsupportedError
+
+BLK_KV = 128
+HEAD_DIM = 128
+MAX_TOPK = 64
+DIRECT_HEAD_DIMS = (64, 128, 256)
+DIRECT_MAX_GQA = 64
+_I32 = (torch.int32,)
+_INT = (torch.int32, torch.int64)
+
+
+def _out_dtype(q_dtype: torch.dtype) -> torch.dtype:
+    return torch.bfloat16 if q_dtype == FP8 else q_dtype
+
+
+def _plan_for(q, k, idx, table, layout, block_size, seqlen_q, hint_blocks, split_override=0, max_grid=0):
+    if layout == LAYOUT_HND:
+        hkv, d = k.shape[1], k.shape[3]
+        b = table.shape[0]
+    else:
+        hkv, d = k.shape[1], k.shape[2]
+        b = q.shape[0]
+    g = q.shape[1] // hkv
+    topk = 0 if idx is None else idx.shape[2]
+    return make_plan(q.device, B=b, Hkv=hkv, G=g, SQ=seqlen_q, D=d, BS=block_size, topk=topk,
+                     hint_blocks=hint_blocks, split_override=split_override, max_grid=max_grid)
+
+
+def _workspaces(p, device):
+    no, nml, nc = workspace_sizes(p)
+    if nc == 0:
+        return None, None, None
+    return (torch.empty(no, dtype=torch.float32, device=device), torch.empty(nml, dtype=torch.float32, device=device),
+            torch.zeros(nc, dtype=torch.int32, device=device))
+
+
+# ------------------------------------------------------------------------------------------------
+# Custom ops
+# ------------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op(add_op_namespace_prefix("sparse_decode_fwd"), mutates_args=())
+def _sparse_decode_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: Optional[torch.Tensor],
+                       table: torch.Tensor, lens: torch.Tensor, slot_ids: Optional[torch.Tensor],
+                       sink: Optional[torch.Tensor], layout: int, block_size: int, seqlen_q: int, causal: bool,
+                       scale: float, hint_blocks: int, return_lse: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Functional decode. Returns ``(out [T, Hq, D], lse fp32 [T, Hq] or [0])`` (T = q.shape[0])."""
+    t, hq, d = q.shape
+    out = torch.empty((t, hq, d), dtype=_out_dtype(q.dtype), device=q.device)
+    lse = torch.empty((t, hq) if return_lse else (0,), dtype=torch.float32, device=q.device)
+    if t == 0:
+        return out, lse
+    if layout == LAYOUT_TOKEN and k.shape[0] == 0:  # no slot can hold a token: every row is empty
+        out.zero_()
+        lse.fill_(float("-inf"))
+        return out, lse
+    p = _plan_for(q, k, idx, table, layout, block_size, seqlen_q, hint_blocks)
+    o_part, ml_part, counter = _workspaces(p, q.device)
+    launch(p, layout=layout, q=q, k=k, v=v, idx=idx, table=table, lens=lens, slot_ids=slot_ids, sink=sink,
+           out=out, lse=lse, o_part=o_part, ml_part=ml_part, counter=counter, causal=causal, scale=scale,
+           write_lse=return_lse)
+    return out, lse
+
+
+@_sparse_decode_fwd.register_fake
+def _(q, k, v, idx, table, lens, slot_ids, sink, layout, block_size, seqlen_q, causal, scale, hint_blocks,
+      return_lse):
+    t, hq, d = q.shape
+    out = q.new_empty((t, hq, d), dtype=_out_dtype(q.dtype))
+    lse = q.new_empty((t, hq) if return_lse else (0,), dtype=torch.float32)
+    return out, lse
+
+
+@torch.library.custom_op(add_op_namespace_prefix("sparse_decode_fwd_out"),
+                         mutates_args=("out", "lse", "o_part", "ml_part", "counter"))
+def _sparse_decode_fwd_out(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: Optional[torch.Tensor],
+                           page_table: torch.Tensor, seqused_k: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+                           o_part: torch.Tensor, ml_part: torch.Tensor, counter: torch.Tensor, seqlen_q: int,
+                           causal: bool, scale: float, hint_blocks: int, return_lse: bool, split_override: int,
+                           max_grid: int) -> None:
+    """Paged-HND decode into ``out`` (and ``lse`` if ``return_lse``) with caller-owned workspaces.
+
+    o_part / ml_part: fp32, counter: int32 (all zeros between launches; the kernel keeps it so),
+    each at least ``workspace_sizes(plan)`` elements (any size when the plan does not split).
+    """
+    if q.shape[0] == 0:
+        return
+    p = _plan_for(q, k, idx, page_table, LAYOUT_HND, BLK_KV, seqlen_q, hint_blocks, split_override, max_grid)
+    no, nml, nc = workspace_sizes(p)
+    if nc and (o_part.numel() < no or ml_part.numel() < nml or counter.numel() < nc):
+        raise RuntimeError("decode workspace too small for this launch; call plan() again")
+    launch(p, layout=LAYOUT_HND, q=q, k=k, v=v, idx=idx, table=page_table, lens=seqused_k, slot_ids=None,
+           sink=None, out=out, lse=lse, o_part=o_part, ml_part=ml_part, counter=counter, causal=causal,
+           scale=scale, write_lse=return_lse)
+
+
+@_sparse_decode_fwd_out.register_fake
+def _(q, k, v, idx, page_table, seqused_k, out, lse, o_part, ml_part, counter, seqlen_q, causal, scale, hint_blocks,
+      return_lse, split_override, max_grid):
+    return None
+
+
+# ------------------------------------------------------------------------------------------------
+# Validation
+# ------------------------------------------------------------------------------------------------
+
+
+def _validate_paged_meta(page_table, seqused_k, seqlen_q, max_seqlen_k):
+    check_tensor("page_table", page_table, dtypes=_I32)
+    check_tensor("seqused_k", seqused_k, dtypes=_I32)
+    if page_table.dim() != 2:
+        raise ValueError(f"page_table must be 2-D [B, max_pages], got shape {tuple(page_table.shape)}")
+    b = page_table.shape[0]
+    check_shape("seqused_k", seqused_k, (b,))
+    check_positive_int("seqlen_q", seqlen_q)
+    check_positive_int("max_seqlen_k", max_seqlen_k)
+    return b
+
+
+def _validate_q2k(q2k_indices, hkv, total_q):
+    if q2k_indices is None:
+        return
+    check_tensor("q2k_indices", q2k_indices, dtypes=_I32)
+    if q2k_indices.dim() != 3 or q2k_indices.shape[0] != hkv or q2k_indices.shape[1] != total_q:
+        raise ValueError(f"q2k_indices must have shape [Hkv={hkv}, B*seqlen_q={total_q}, topK], "
+                         f"got {tuple(q2k_indices.shape)}")
+    if not 1 <= q2k_indices.shape[2] <= MAX_TOPK:
+        raise ValueError(f"q2k_indices: topK must be in [1, {MAX_TOPK}], got {q2k_indices.shape[2]}")
+
+
+def _validate_blk_kv(blk_kv):
+    if isinstance(blk_kv, bool) or not isinstance(blk_kv, int):
+        raise TypeError(f"blk_kv must be an int, got {type(blk_kv).__name__}")
+    if blk_kv != BLK_KV:
+        raise MsaUnsupportedError(f"blk_kv={blk_kv} is not supported; only {BLK_KV}")
+
+
+def _validate_official(q, k, v, q2k_indices, page_table, seqused_k, seqlen_q, max_seqlen_k, blk_kv):
+    check_tensor("q", q, ndim=3)
+    check_tensor("k", k, ndim=4)
+    check_tensor("v", v, ndim=4)
+    if tuple(k.shape) != tuple(v.shape):
+        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    check_head_dim("q", q.shape[2], (HEAD_DIM,))
+    check_head_dim("k", k.shape[3], (HEAD_DIM,))
+    _validate_blk_kv(blk_kv)
+    if k.shape[2] != blk_kv:
+        raise ValueError(f"k.shape[2] (page size {k.shape[2]}) must equal blk_kv={blk_kv}")
+    attention_out_dtype(q, k, v)
+    b = _validate_paged_meta(page_table, seqused_k, seqlen_q, max_seqlen_k)
+    if q.shape[0] != b * seqlen_q:
+        raise ValueError(f"q.shape[0] ({q.shape[0]}) must equal B*seqlen_q = {b}*{seqlen_q}")
+    check_gqa(q.shape[1], k.shape[1])
+    _validate_q2k(q2k_indices, k.shape[1], q.shape[0])
+    check_devices([("q", q), ("k", k), ("v", v), ("q2k_indices", q2k_indices), ("page_table", page_table),
+                   ("seqused_k", seqused_k)])
+
+
+def _dense_hint(page_table, max_seqlen_k):
+    return min(page_table.shape[1], -(-max_seqlen_k // BLK_KV))
+
+
+# ------------------------------------------------------------------------------------------------
+# 5.1 sparse_decode_atten_func
+# ------------------------------------------------------------------------------------------------
+
+
+def sparse_decode_atten_func(q, k, v, q2k_indices=None, *, page_table, seqused_k, seqlen_q, max_seqlen_k, blk_kv=128,
+                             causal=True, softmax_scale=None, return_softmax_lse=False, schedule=None, O_partial=None,
+                             LSE_partial=None):
+    """Sparse (or dense, ``q2k_indices=None``) decode over a paged HND KV cache.
+
+    q [B*seqlen_q, Hq, 128]; k, v [num_pages, Hkv, 128, 128] (any strides, read in place);
+    q2k_indices int32 [Hkv, B*seqlen_q, topK] (1 <= topK <= 64) or None; page_table int32 [B, max_pages];
+    seqused_k int32 [B]. Returns out [B*seqlen_q, Hq, 128] (q's dtype, bf16 for fp8 q) and, if
+    ``return_softmax_lse``, fp32 lse [B*seqlen_q, Hq]. ``schedule``, ``O_partial``, ``LSE_partial``
+    are accepted and ignored. No host synchronisation.
+    """
+    _validate_official(q, k, v, q2k_indices, page_table, seqused_k, seqlen_q, max_seqlen_k, blk_kv)
+    scale = default_scale(softmax_scale, HEAD_DIM)
+    out, lse = _sparse_decode_fwd(q, k, v, q2k_indices, page_table, seqused_k, None, None, LAYOUT_HND, BLK_KV,
+                                  int(seqlen_q), bool(causal), scale, _dense_hint(page_table, max_seqlen_k),
+                                  bool(return_softmax_lse))
+    if return_softmax_lse:
+        return out, lse
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# 5.2 SparseDecodePagedAttentionWrapper
+# ------------------------------------------------------------------------------------------------
+
+
+class SparseDecodePagedAttentionWrapper:
+    """Plan once per decode step (outside graph capture), run per layer (capturable, one launch).
+
+    ``plan`` validates, stores references to ``page_table``, ``seqused_k`` and ``q2k_indices`` (their
+    current contents are read by every ``run``) and allocates the split workspaces. ``run(q, k, v)``
+    computes exactly ``sparse_decode_atten_func`` with the planned state; ``out=`` / ``lse=`` are
+    written in place and returned. A planned wrapper must not run concurrently on two streams.
+    """
+
+    def __init__(self, *, blk_kv=128, causal=True):
+        self.blk_kv = blk_kv
+        self.causal = bool(causal)
+        self._planned = False
+
+    def plan(self, *, page_table, seqused_k, seqlen_q, max_seqlen_k, q2k_indices=None, num_qo_heads=None,
+             num_kv_heads=None, head_dim=128, enable_cuda_graph=False, max_grid_size=None, fixed_split_size=None,
+             disable_split_kv=False):
+        b = _validate_paged_meta(page_table, seqused_k, seqlen_q, max_seqlen_k)
+        check_devices([("page_table", page_table), ("seqused_k", seqused_k), ("q2k_indices", q2k_indices)])
+        for name, val in (("num_qo_heads", num_qo_heads), ("num_kv_heads", num_kv_heads), ("head_dim", head_dim)):
+            if val is None:
+                raise ValueError(f"{name} must be given to plan()")
+            check_positive_int(name, val)
+        check_head_dim("head_dim", head_dim, (HEAD_DIM,))
+        _validate_blk_kv(self.blk_kv)
+        g = check_gqa(num_qo_heads, num_kv_heads)
+        _validate_q2k(q2k_indices, num_kv_heads, b * seqlen_q)
+        if max_grid_size is not None:
+            check_positive_int("max_grid_size", max_grid_size)
+        if fixed_split_size is not None:
+            check_positive_int("fixed_split_size", fixed_split_size)
+
+        self.batch = b
+        self.num_qo_heads = int(num_qo_heads)
+        self.num_kv_heads = int(num_kv_heads)
+        self.head_dim = int(head_dim)
+        self.page_table = page_table
+        self.seqused_k = seqused_k
+        self.q2k_indices = q2k_indices
+        self.seqlen_q = int(seqlen_q)
+        self.max_seqlen_k = int(max_seqlen_k)
+        self.is_sparse = q2k_indices is not None
+        self.enable_cuda_graph = bool(enable_cuda_graph)
+        # split hints -> tiles per split (0 = automatic policy); never change results beyond reassociation
+        tpb = 1
+        if disable_split_kv:
+            self._split_override = 1 << 30
+        elif fixed_split_size is not None:
+            tpb = None
+            self._split_override = int(fixed_split_size)  # in KV blocks, converted below
+        else:
+            self._split_override = 0
+        self._max_grid = int(max_grid_size) if max_grid_size is not None else 0
+        self._hint_blocks = _dense_hint(page_table, self.max_seqlen_k)
+        topk = 0 if q2k_indices is None else q2k_indices.shape[2]
+        probe = make_plan(page_table.device, B=b, Hkv=self.num_kv_heads, G=g, SQ=self.seqlen_q, D=self.head_dim,
+                          BS=BLK_KV, topk=topk, hint_blocks=self._hint_blocks)
+        if tpb is None:  # fixed_split_size counts KV blocks: convert to BLOCK_N tiles
+            self._split_override = self._split_override * (BLK_KV // probe.BLOCK_N)
+        p = make_plan(page_table.device, B=b, Hkv=self.num_kv_heads, G=g, SQ=self.seqlen_q, D=self.head_dim,
+                      BS=BLK_KV, topk=topk, hint_blocks=self._hint_blocks, split_override=self._split_override,
+                      max_grid=self._max_grid)
+        self.split_kv = p.num_splits > 1
+        self.num_splits = p.num_splits
+        no, nml, nc = workspace_sizes(p)
+        dev = page_table.device
+        self.O_partial = torch.empty(max(no, 1), dtype=torch.float32, device=dev)
+        self._ml_partial = torch.empty(max(nml, 1), dtype=torch.float32, device=dev)
+        self._counter = torch.zeros(max(nc, 1), dtype=torch.int32, device=dev)
+        self._lse_dummy = torch.empty(0, dtype=torch.float32, device=dev)
+        self._planned = True
+        return self
+
+    def run(self, q, k, v, *, softmax_scale=None, return_softmax_lse=False, out=None, lse=None):
+        """q [B*seqlen_q, Hq, 128]; k, v [num_pages, Hkv, 128, 128]. Returns out (and lse)."""
+        if not self._planned:
+            raise RuntimeError("decode wrapper must be planned before run")
+        check_tensor("q", q, ndim=3)
+        check_tensor("k", k, ndim=4)
+        check_tensor("v", v, ndim=4)
+        want_q = (self.batch * self.seqlen_q, self.num_qo_heads, self.head_dim)
+        if tuple(q.shape) != want_q:
+            raise ValueError(f"q must have shape {list(want_q)} (planned), got {tuple(q.shape)}")
+        if k.shape[1] != self.num_kv_heads:
+            raise ValueError(f"k.shape[1] ({k.shape[1]}) must equal the planned num_kv_heads={self.num_kv_heads}")
+        _validate_official(q, k, v, self.q2k_indices, self.page_table, self.seqused_k, self.seqlen_q,
+                           self.max_seqlen_k, self.blk_kv)
+        out_dtype = attention_out_dtype(q, k, v)
+        if out is None:
+            out = torch.empty(q.shape, dtype=out_dtype, device=q.device)
+        else:
+            check_tensor("out", out, dtypes=(out_dtype,))
+            check_shape("out", out, tuple(q.shape))
+            check_devices([("q", q), ("out", out)])
+        if return_softmax_lse:
+            if lse is None:
+                lse = torch.empty((q.shape[0], q.shape[1]), dtype=torch.float32, device=q.device)
+            else:
+                check_tensor("lse", lse, dtypes=(torch.float32,))
+                check_shape("lse", lse, (q.shape[0], q.shape[1]))
+                check_devices([("q", q), ("lse", lse)])
+            lse_buf = lse
+        else:
+            lse_buf = self._lse_dummy
+        scale = default_scale(softmax_scale, self.head_dim)
+        _sparse_decode_fwd_out(q, k, v, self.q2k_indices, self.page_table, self.seqused_k, out, lse_buf,
+                               self.O_partial, self._ml_partial, self._counter, self.seqlen_q, self.causal, scale,
+                               self._hint_blocks, bool(return_softmax_lse), self._split_override, self._max_grid)
+        if return_softmax_lse:
+            return out, lse
+        return out
+
+
+# ------------------------------------------------------------------------------------------------
+# 6.2 flash_decode_with_gqa_share_sparse
+# ------------------------------------------------------------------------------------------------
+
+
+def _validate_direct(q, sink, k_cache, v_cache, req_to_token, seq_lens, slot_ids, block_size, topk_idx):
+    check_tensor("q", q, ndim=3, dtypes=(torch.bfloat16, torch.float16))
+    check_tensor("k_cache", k_cache, ndim=3)
+    check_tensor("v_cache", v_cache, ndim=3)
+    attention_out_dtype(q, k_cache, v_cache, allow_fp8_q=False)
+    if tuple(k_cache.shape) != tuple(v_cache.shape):
+        raise ValueError(f"k_cache and v_cache must have the same shape, got {tuple(k_cache.shape)} "
+                         f"and {tuple(v_cache.shape)}")
+    b, hq, d = q.shape
+    hkv = k_cache.shape[1]
+    check_head_dim("q", d, DIRECT_HEAD_DIMS)
+    if k_cache.shape[2] != d:
+        raise ValueError(f"k_cache head dim ({k_cache.shape[2]}) must equal q's ({d})")
+    if hkv <= 0 or hq % hkv != 0:
+        raise ValueError(f"q heads ({hq}) must be a multiple of k_cache heads ({hkv})")
+    check_gqa(hq, hkv, allowed=range(1, DIRECT_MAX_GQA + 1))
+    if sink is not None:
+        check_tensor("sink", sink, ndim=2, dtypes=(torch.float32, torch.bfloat16, torch.float16))
+        check_shape("sink", sink, (hq, d))
+    check_tensor("req_to_token", req_to_token, ndim=2, dtypes=_INT)
+    check_tensor("seq_lens", seq_lens, ndim=1, dtypes=_INT)
+    check_tensor("slot_ids", slot_ids, ndim=1, dtypes=_INT)
+    check_shape("seq_lens", seq_lens, (b,))
+    check_shape("slot_ids", slot_ids, (b,))
+    check_tensor("topk_idx", topk_idx, ndim=3, dtypes=_INT)
+    if topk_idx.shape[0] != hkv or topk_idx.shape[1] != b or topk_idx.shape[2] < 1:
+        raise ValueError(f"topk_idx must have shape [Hkv={hkv}, B={b}, topk>=1], got {tuple(topk_idx.shape)}")
+    if isinstance(block_size, bool) or not isinstance(block_size, int):
+        raise ValueError(f"block_size must be an int power of two in [16, 512], got {block_size!r}")
+    if block_size < 16 or block_size > 512 or block_size & (block_size - 1):
+        raise ValueError(f"block_size must be a power of two in [16, 512], got {block_size}")
+    check_devices([("q", q), ("sink", sink), ("k_cache", k_cache), ("v_cache", v_cache),
+                   ("req_to_token", req_to_token), ("seq_lens", seq_lens), ("slot_ids", slot_ids),
+                   ("topk_idx", topk_idx)])
+
+
+def flash_decode_with_gqa_share_sparse(q, sink, k_cache, v_cache, req_to_token, seq_lens, slot_ids, block_size,
+                                       topk_idx, sm_scale=None, use_tma=True) -> torch.Tensor:
+    """Sparse decode over a token-major cache with ``req_to_token`` indirection (peer layout).
+
+    q [B, Hq, D] bf16/fp16 (D in {64, 128, 256}); sink [Hq, D] or None (denominator only);
+    k_cache, v_cache [max_slots, Hkv, D] (q's dtype, or fp8 e4m3 with bf16 q); req_to_token int
+    [max_reqs, max_kv_len]; seq_lens, slot_ids int [B]; topk_idx int [Hkv, B, topk].
+    Returns o [B, Hq, D] in q's dtype; rows without a valid block are 0. ``use_tma`` is ignored.
+    """
+    _validate_direct(q, sink, k_cache, v_cache, req_to_token, seq_lens, slot_ids, block_size, topk_idx)
+    scale = default_scale(sm_scale, q.shape[2])
+    out, _ = _sparse_decode_fwd(q, k_cache, v_cache, topk_idx, req_to_token, seq_lens, slot_ids, sink, LAYOUT_TOKEN,
+                                int(block_size), 1, True, scale, 0, False)
+    return out
