@@ -16,12 +16,15 @@
 //  4. Each surviving key's rank = number of surviving keys above it; rank < topk writes out[rank]. Positions
 //     [min(cnt, topk), topk) get -1.
 // Rows of any length are supported: for NB > 16384 the keys are recomputed from global memory on each visit.
+//
+// Host side: `msa_topk_from_scores_launch` (declared in topk_from_scores.h) takes raw pointers and host ints,
+// re-checks every scalar it receives and returns a CUDA error code; it never throws and includes no torch
+// header. Tensor validation (TORCH_CHECK) lives in torch-ext/torch_binding.cpp, compiled by the host compiler,
+// and runs before this launcher is called.
 
-#include <torch/all.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-#include <c10/cuda/CUDAException.h>
+#include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <limits>
 
@@ -54,7 +57,7 @@ __device__ __forceinline__ uint64_t umax64(uint64_t a, uint64_t b) { return a > 
 template <int THREADS, int ITEMS>
 __global__ void __launch_bounds__(THREADS)
 topk_from_scores_kernel(const float* __restrict__ score, const int* __restrict__ seq_lens, int* __restrict__ out,
-                        int B, int NB, int64_t block_size, int topk, int force, int G, uint32_t idmask,
+                        int B, int NB, unsigned block_size, int topk, int force, int G, uint32_t idmask,
                         int idshift) {
   constexpr int W = THREADS / 32;
   __shared__ uint64_t s_gmax[128];
@@ -70,26 +73,29 @@ topk_from_scores_kernel(const float* __restrict__ score, const int* __restrict__
   const int tid = threadIdx.x;
   const int lane = tid & 31;
   const int warp = tid >> 5;
-  const int64_t row = blockIdx.x;
-  const int b = static_cast<int>(row % B);
-  const float* srow = score + row * static_cast<int64_t>(NB);
-  int* orow = out + row * static_cast<int64_t>(topk);
-
-  int64_t sl = seq_lens[b];
-  if (sl < 0) sl = 0;
-  const int64_t nblk = sl / block_size + (sl % block_size != 0 ? 1 : 0);
-  const int n = nblk < NB ? static_cast<int>(nblk) : NB;
-  const int f_lo = force > 0 ? (n > force ? n - force : 0) : n;
+  const unsigned row = blockIdx.x;
+  const int b = static_cast<int>(row % static_cast<unsigned>(B));
+  const float* srow = score + static_cast<int64_t>(row) * NB;
+  int* orow = out + static_cast<int64_t>(row) * topk;
 
   constexpr int NK = ITEMS > 0 ? ITEMS : 1;
-  uint64_t keys[NK];
+  float xs[NK];
   if constexpr (ITEMS > 0) {
-    float xs[NK];
+    // Issued before (and independently of) the seq_lens load, so the two memory latencies overlap.
 #pragma unroll
     for (int i = 0; i < ITEMS; ++i) {
       const int j = i * THREADS + tid;
-      xs[i] = j < n ? __ldg(srow + j) : 0.f;
+      xs[i] = j < NB ? __ldg(srow + j) : 0.f;
     }
+  }
+  const int sl = __ldg(seq_lens + b);
+  const unsigned slu = sl > 0 ? static_cast<unsigned>(sl) : 0u;
+  const unsigned nblk = slu / block_size + (slu % block_size != 0u ? 1u : 0u);
+  const int n = nblk < static_cast<unsigned>(NB) ? static_cast<int>(nblk) : NB;
+  const int f_lo = force > 0 ? (n > force ? n - force : 0) : n;
+
+  uint64_t keys[NK];
+  if constexpr (ITEMS > 0) {
 #pragma unroll
     for (int i = 0; i < ITEMS; ++i) keys[i] = make_key(xs[i], i * THREADS + tid, n, f_lo, idmask, idshift);
   }
@@ -223,39 +229,29 @@ topk_from_scores_kernel(const float* __restrict__ score, const int* __restrict__
 }
 
 template <int THREADS, int ITEMS>
-void launch(const float* score, const int* seq_lens, int* out, int64_t rows, int B, int NB, int64_t block_size,
-            int topk, int force, int G, uint32_t idmask, int idshift, cudaStream_t stream) {
+cudaError_t launch(const float* score, const int* seq_lens, int* out, int64_t rows, int B, int NB,
+                   unsigned block_size, int topk, int force, int G, uint32_t idmask, int idshift,
+                   cudaStream_t stream) noexcept {
   topk_from_scores_kernel<THREADS, ITEMS><<<static_cast<unsigned>(rows), THREADS, 0, stream>>>(
       score, seq_lens, out, B, NB, block_size, topk, force, G, idmask, idshift);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return cudaGetLastError();
 }
 
-void topk_impl(const at::Tensor& score, const at::Tensor& seq_lens, int64_t block_size, int64_t topk,
-               int64_t force_local_blocks, at::Tensor& topk_idx) {
-  TORCH_CHECK(score.is_cuda(), "msa_topk_from_scores: score must be a CUDA tensor");
-  TORCH_CHECK(score.scalar_type() == at::kFloat, "msa_topk_from_scores: score must be float32");
-  TORCH_CHECK(score.dim() == 3, "msa_topk_from_scores: score must be 3-D [H, B, NB]");
-  TORCH_CHECK(seq_lens.scalar_type() == at::kInt, "msa_topk_from_scores: seq_lens must be int32");
-  TORCH_CHECK(topk_idx.scalar_type() == at::kInt, "msa_topk_from_scores: topk_idx must be int32");
-  TORCH_CHECK(seq_lens.device() == score.device() && topk_idx.device() == score.device(),
-              "msa_topk_from_scores: score, seq_lens and topk_idx must be on the same device");
-  const int64_t H = score.size(0), B = score.size(1), NB = score.size(2);
-  TORCH_CHECK(seq_lens.dim() == 1 && seq_lens.size(0) == B, "msa_topk_from_scores: seq_lens must have shape [B]");
-  TORCH_CHECK(topk >= 1 && topk <= 64, "msa_topk_from_scores: topk must be in [1, 64], got ", topk);
-  TORCH_CHECK(block_size >= 1, "msa_topk_from_scores: block_size must be >= 1, got ", block_size);
-  TORCH_CHECK(force_local_blocks >= 0, "msa_topk_from_scores: force_local_blocks must be >= 0");
-  TORCH_CHECK(topk_idx.dim() == 3 && topk_idx.size(0) == H && topk_idx.size(1) == B && topk_idx.size(2) == topk,
-              "msa_topk_from_scores: topk_idx must have shape [H, B, topk]");
-  TORCH_CHECK(topk_idx.is_contiguous(), "msa_topk_from_scores: topk_idx must be contiguous");
-  TORCH_CHECK(NB <= std::numeric_limits<int32_t>::max() / 2, "msa_topk_from_scores: too many blocks");
-  const int64_t rows = H * B;
-  TORCH_CHECK(rows <= std::numeric_limits<int32_t>::max(), "msa_topk_from_scores: too many rows");
-  if (rows == 0) return;
+}  // namespace
 
-  const c10::cuda::CUDAGuard guard(score.device());
-  cudaStream_t stream = c10::cuda::getCurrentCUDAStream(score.device().index());
-  const at::Tensor s = score.is_contiguous() ? score : score.contiguous();
-  const at::Tensor sl = seq_lens.is_contiguous() ? seq_lens : seq_lens.contiguous();
+int msa_topk_from_scores_launch(const float* score, const int32_t* seq_lens, int32_t* topk_idx, int64_t H,
+                                int64_t B, int64_t NB, int64_t block_size, int64_t topk,
+                                int64_t force_local_blocks, void* stream) noexcept {
+  constexpr int64_t kInt32Max = std::numeric_limits<int32_t>::max();
+  // Defence in depth: the binding has validated all of this already; nothing out of range is ever launched.
+  if (topk < 1 || topk > kMsaTopkMaxK || block_size < 1 || force_local_blocks < 0) return cudaErrorInvalidValue;
+  if (H < 0 || B < 0 || NB < 0 || H > kInt32Max || B > kInt32Max || NB > kInt32Max / 2) {
+    return cudaErrorInvalidValue;
+  }
+  const int64_t rows = H * B;  // < 2^62: no overflow
+  if (rows > kInt32Max) return cudaErrorInvalidValue;
+  if (rows == 0) return cudaSuccess;
+  if (topk_idx == nullptr || seq_lens == nullptr || (NB > 0 && score == nullptr)) return cudaErrorInvalidValue;
 
   const int nb = static_cast<int>(NB);
   int idbits = 1;
@@ -264,43 +260,39 @@ void topk_impl(const at::Tensor& score, const at::Tensor& seq_lens, int64_t bloc
   const int idshift = 32 - idbits;
   const int k = static_cast<int>(topk);
   const int G = k <= 8 ? 32 : (k <= 16 ? 64 : 128);
-  const int force = force_local_blocks > NB ? static_cast<int>(NB) + 1 : static_cast<int>(force_local_blocks);
-  const float* sp = s.data_ptr<float>();
-  const int* lp = sl.data_ptr<int>();
-  int* op = topk_idx.data_ptr<int>();
+  const int force = force_local_blocks > NB ? nb + 1 : static_cast<int>(force_local_blocks);
   const int b = static_cast<int>(B);
+  // seq_lens are int32, so ceil(seq_len / block_size) is unchanged by clamping block_size to 2^31 - 1.
+  const unsigned bsz = static_cast<unsigned>(std::min<int64_t>(block_size, kInt32Max));
+  const cudaStream_t st = static_cast<cudaStream_t>(stream);
+  const int* lp = seq_lens;
+  int* op = topk_idx;
 
-#define MSA_TOPK_LAUNCH(T, I) launch<T, I>(sp, lp, op, rows, b, nb, block_size, k, force, G, idmask, idshift, stream)
+#define MSA_TOPK_LAUNCH(T, I) launch<T, I>(score, lp, op, rows, b, nb, bsz, k, force, G, idmask, idshift, st)
+  cudaError_t err;
   if (NB <= 128) {
-    MSA_TOPK_LAUNCH(128, 1);
+    err = MSA_TOPK_LAUNCH(128, 1);
   } else if (NB <= 256) {
-    MSA_TOPK_LAUNCH(128, 2);
+    err = MSA_TOPK_LAUNCH(128, 2);
   } else if (NB <= 512) {
-    MSA_TOPK_LAUNCH(128, 4);
+    err = MSA_TOPK_LAUNCH(128, 4);
   } else if (NB <= 1024) {
-    MSA_TOPK_LAUNCH(256, 4);
+    err = MSA_TOPK_LAUNCH(256, 4);
   } else if (NB <= 2048) {
-    MSA_TOPK_LAUNCH(256, 8);
+    err = MSA_TOPK_LAUNCH(256, 8);
   } else if (NB <= 4096) {
-    MSA_TOPK_LAUNCH(512, 8);
+    err = MSA_TOPK_LAUNCH(512, 8);
   } else if (NB <= 8192) {
-    MSA_TOPK_LAUNCH(512, 16);
+    err = MSA_TOPK_LAUNCH(512, 16);
   } else if (NB <= 16384) {
-    MSA_TOPK_LAUNCH(1024, 16);
+    err = MSA_TOPK_LAUNCH(1024, 16);
   } else {
-    MSA_TOPK_LAUNCH(1024, 0);
+    err = MSA_TOPK_LAUNCH(1024, 0);
   }
 #undef MSA_TOPK_LAUNCH
+  return static_cast<int>(err);
 }
 
-}  // namespace
-
-void msa_topk_from_scores(const at::Tensor& score, const at::Tensor& seq_lens, int64_t block_size, int64_t topk,
-                          at::Tensor& topk_idx) {
-  topk_impl(score, seq_lens, block_size, topk, 0, topk_idx);
-}
-
-void msa_topk_from_scores_forced(const at::Tensor& score, const at::Tensor& seq_lens, int64_t block_size,
-                                 int64_t topk, int64_t force_local_blocks, at::Tensor& topk_idx) {
-  topk_impl(score, seq_lens, block_size, topk, force_local_blocks, topk_idx);
+const char* msa_topk_error_string(int err) noexcept {
+  return cudaGetErrorString(static_cast<cudaError_t>(err));
 }

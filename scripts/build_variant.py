@@ -245,7 +245,8 @@ def main(argv=None):
     variant = variant_name()
     out_dir = ROOT / "build" / variant
     stamp_file = out_dir / ".build-stamp"
-    extra = {"archs": archs, "torch": torch.__version__, "python": sys.version_info[:2], "ops": ops}
+    extra = {"archs": archs, "torch": torch.__version__, "python": sys.version_info[:2], "ops": ops,
+             "cxx": os.environ.get("CXX", ""), "cc": os.environ.get("CC", "")}
     digest = input_digest(native_inputs + py_files + [Path(__file__)], extra)
     if not args.force and stamp_file.exists() and stamp_file.read_text().strip() == digest:
         log(f"up to date: build/{variant} ({ops})", args.quiet)

@@ -22,7 +22,7 @@ SECTIONS=${2:-"topk,decode,prefill"}
 rc=0
 if [ "$PYTEST_ARGS" != "none" ]; then
   # shellcheck disable=SC2086
-  python3 -m pytest $PYTEST_ARGS -q -rs -p no:cacheprovider --durations=15 2>&1 | tee "$OUT/pytest.log" | tail -60
+  timeout ${PYTEST_TIMEOUT:-400} python3 -m pytest $PYTEST_ARGS -q -rs -p no:cacheprovider --durations=15 2>&1 | tee "$OUT/pytest.log" | tail -60
   rc=${PIPESTATUS[0]}
 fi
 if [ "$SECTIONS" != "none" ]; then

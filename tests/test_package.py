@@ -58,7 +58,9 @@ def test_import_does_not_initialise_cuda():
         pytest.skip("source-tree developer mode")
     code = (
         "import os, torch, kernels\n"
-        f"m = kernels.get_kernel({REPO_ID!r}, version=1)\n"
+        # check_arch=False: kernels' own arch check reads the device capability (initialising CUDA);
+        # what is tested here is that importing this package does not.
+        f"m = kernels.get_kernel({REPO_ID!r}, version=1, check_arch=False)\n"
         "assert not torch.cuda.is_initialized(), 'package import initialised CUDA'\n"
         "print('ok', m.__name__)\n"
     )

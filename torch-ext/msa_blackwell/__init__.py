@@ -18,6 +18,16 @@ from .naive import naive_flash_decode_with_gqa_share_sparse
 from .utils import get_cu_seqblocks, robust_allocator
 from .csr import SparseK2qCsrBuilderSm100, build_k2q_csr
 from .prefill import sparse_atten_func
+from .nvfp4 import (
+    Nvfp4QuantizedTensor,
+    dequantize_nvfp4_128x4_to_bf16,
+    native_nvfp4_dequant_swizzled_to_bf16,
+    nvfp4_global_scale_from_amax,
+    quantize_bf16_to_nvfp4_128x4,
+    quantize_kv_bf16_to_nvfp4_128x4,
+    swizzle_nvfp4_scale_to_128x4,
+)
+from .indexer import fp4_indexer_block_scores, flash_decode_with_topk_idx, naive_flash_decode_with_topk_idx
 
 __all__ = [
     # official MiniMaxAI/msa names
@@ -26,9 +36,19 @@ __all__ = [
     "SparseDecodePagedAttentionWrapper",
     "build_k2q_csr",
     "SparseK2qCsrBuilderSm100",
+    "fp4_indexer_block_scores",
+    "Nvfp4QuantizedTensor",
+    "quantize_bf16_to_nvfp4_128x4",
+    "quantize_kv_bf16_to_nvfp4_128x4",
+    "dequantize_nvfp4_128x4_to_bf16",
+    "swizzle_nvfp4_scale_to_128x4",
+    "nvfp4_global_scale_from_amax",
     # direct helpers
     "has_native_ops",
     "native_topk_from_scores",
+    "native_nvfp4_dequant_swizzled_to_bf16",
+    "flash_decode_with_topk_idx",
+    "naive_flash_decode_with_topk_idx",
     "flash_decode_with_gqa_share_sparse",
     "naive_flash_decode_with_gqa_share_sparse",
     "get_cu_seqblocks",

@@ -1,7 +1,557 @@
-"""TEMPORARY development stub: replaced by the real module (must not be committed as is)."""
-def SparseK2qCsrBuilderSm100(*a, **k):
-    raise NotImplementedError("SparseK2qCsrBuilderSm100: not written yet")
+"""KV-major CSR (``build_k2q_csr``, API.md section 5.3/5.4) and its inverse (CSR -> per-token block sets).
 
-def build_k2q_csr(*a, **k):
-    raise NotImplementedError("build_k2q_csr: not written yet")
+Format (per KV head ``g``, normative in API.md 5.3): requests get ``R_b = ceil(Lk_b / 128)`` rows,
+numbered level-major (level ``j`` = block ``j`` of every request that has one, requests in order).
+Row ``r`` lists the batch-local query indices ``i`` whose token selected block ``j`` of its request,
+ascending, duplicates kept; ``k2q_row_ptr [Hkv, T+1]`` int32, ``k2q_q_indices [Hkv, total_q*topK]``
+int32 with a ``-1`` tail.
 
+CUDA algorithm (device-side only: no host sync, graph-capturable, bit-deterministic), 4 Triton
+launches plus one memset. Tokens are cut into chunks of ``C`` tokens (``C*topK`` entries):
+
+1. ``_csr_count_kernel`` (grid ``Hkv x chunks``): every entry ``(t, s)`` -> request ``b`` (binary
+   search in ``cu_seqlens_q``), validity (``0 <= j < R_b``, ``j < max_kv_blocks``), level-major row
+   ``row(b, j) = sum_b' min(R_b', j) + #{b' < b : R_b' > j}`` (an O(B) loop over requests, 1
+   iteration for B = 1) and ``row < T``; integer ``atomic_add`` into a per-chunk histogram
+   ``cnt[g, chunk, row]`` (integer atomics: the counts are exact whatever the order).
+2. ``_csr_scan_chunks_kernel``: exclusive scan of ``cnt`` over chunks (in place) + per-row totals.
+3. ``_csr_rowptr_kernel``: scan of the totals over rows -> ``k2q_row_ptr``.
+4. ``_csr_scatter_kernel`` (grid ``Hkv x chunks``): recomputes the chunk's entries, sorts the keys
+   ``(row << 32) | i`` in registers (``tl.sort``), gets each entry's rank inside its row run with a
+   segmented ``associative_scan`` and writes ``i`` at ``row_ptr[row] + cnt[g, chunk, row] + rank``.
+   Entries of one row from one chunk are thus written in ascending ``i`` (equal keys are duplicates of
+   the same value, so their relative order is irrelevant), and chunks are ordered by the scan: the
+   output equals a stable sort by row of the entries in ``(t, s)`` order, i.e. the spec's sort by
+   ``(row, i)``. The same program fills its share of the ``-1`` tail.
+
+CPU tensors take a pure-PyTorch path (stable ``torch.sort``; it may sync, API.md 3.6) with identical
+results, whether or not a GPU is present; ``_FORCE_TRITON_ON_CPU`` makes CPU inputs run the Triton kernels,
+only while the interpreter is active (``TRITON_INTERPRET=1``, tests).
+
+The inverse (used by ``sparse_atten_func`` and ``k2q_to_q2k``): ``_rowinfo_kernel`` maps every row
+``r < T`` back to ``(b, j)`` (or -1), and ``_csr_invert_kernel`` walks every row segment (row
+pointers clamped into ``[0, k2q_q_indices.shape[1]]``, entries outside ``[0, Lq_b)`` ignored) and
+inserts ``j`` into the token's slot set ``slots[g, t, 0:CAP]`` with a lock-free open-addressing set
+(``atomic_cas``, linear probing from ``j mod CAP``, ``CAP = next_pow2(2*topK)``). Repeated ``(row, i)``
+pairs therefore count once, wherever they sit. The slot *positions* depend on the race order, the
+slot *set* does not; consumers only use the set (ascending iteration, membership), so results are
+deterministic.
+"""
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from ._registry import add_op_namespace_prefix
+from ._validate import check_devices, check_tensor, interpreter_active
+from .errors import MsaUnsupportedError
+
+KV_BLOCK = 128
+_FORCE_TRITON_ON_CPU = False  # tests: run the Triton kernels for CPU tensors too (only under TRITON_INTERPRET=1)
+
+__all__ = ["build_k2q_csr", "SparseK2qCsrBuilderSm100", "K2qSchedule", "k2q_to_q2k", "default_total_rows",
+           "max_kv_blocks_bound"]
+
+
+# ----------------------------------------------------------------------------------------------
+# host helpers
+# ----------------------------------------------------------------------------------------------
+
+def default_total_rows(total_k: int, batch: int) -> int:
+    """API.md 5.3 step 3: sync-free upper bound on ``sum_b ceil(Lk_b / 128)``."""
+    if total_k % KV_BLOCK == 0:
+        return max(0, total_k // KV_BLOCK + batch - 1)
+    return -(-(total_k + batch * (KV_BLOCK - 1)) // KV_BLOCK)
+
+
+def max_kv_blocks_bound(max_seqlen_k: Optional[int], total_k: int) -> int:
+    """API.md 5.3 step 4: ``ceil(max(max_seqlen_k or total_k, 128) / 128)``."""
+    m = total_k if max_seqlen_k is None else int(max_seqlen_k)
+    return -(-max(m, KV_BLOCK) // KV_BLOCK)
+
+
+def _niter(n: int) -> int:
+    """Iterations of the vectorised binary search over ``n + 1`` boundaries."""
+    return max(1, int(n).bit_length() + 1)
+
+
+class K2qSchedule:
+    """Opaque schedule object (API.md 5.3); always disabled, accepted and ignored by the consumer."""
+
+    def __init__(self):
+        self.enabled = False
+        self.scheduler_metadata = None
+        self.work_count = None
+        self.qsplit_indices = None
+        self.split_counts = None
+        self.target_q_per_cta = 0
+        self.work_capacity = 0
+
+    def __repr__(self):
+        return "K2qSchedule(enabled=False)"
+
+
+# ----------------------------------------------------------------------------------------------
+# Triton building blocks (shared with prefill.py)
+# ----------------------------------------------------------------------------------------------
+
+@triton.jit
+def _find_request(cu_ptr, t, B, niter):
+    """Vectorised: ``b = #{b' in [1, B] : cu[b'] <= t}`` (the request of token ``t`` for monotone cu)."""
+    lo = t * 0
+    hi = lo + B
+    for _ in range(niter):
+        act = lo < hi
+        mid = (lo + hi + 1) // 2
+        c = tl.load(cu_ptr + mid, mask=act, other=0)
+        ok = c <= t
+        lo = tl.where(act & ok, mid, lo)
+        hi = tl.where(act & (~ok), mid - 1, hi)
+    return lo
+
+
+@triton.jit
+def _nblocks(lo, hi):
+    """``max(0, ceil((hi - lo) / 128))`` on int tensors (no negative-division pitfalls)."""
+    n = hi - lo
+    n = tl.where(n > 0, n, 0)
+    return (n + 127) // 128
+
+
+@triton.jit
+def _level_row(cuk_ptr, B, b, j):
+    """Level-major row of (request ``b``, block ``j``): ``sum_b' min(R_b', j) + #{b' < b : R_b' > j}``.
+
+    ``b`` and ``j`` are broadcast-compatible int tensors; returns int64 of their broadcast shape.
+    """
+    row = (j * 0 + b * 0).to(tl.int64)
+    for bp in range(0, B):
+        r = _nblocks(tl.load(cuk_ptr + bp), tl.load(cuk_ptr + bp + 1))
+        row += tl.minimum(r, j).to(tl.int64) + ((bp < b) & (r > j)).to(tl.int64)
+    return row
+
+
+@triton.jit
+def _entry_rows(q2k_ptr, s_g, s_t, s_s, cuq_ptr, cuk_ptr, g, c, total_q, topk, B, niter, T, max_kvb,
+                C: tl.constexpr, TK: tl.constexpr):
+    """Rows (int64, [C, TK]), batch-local q index (int32, [C]) and validity of the entries of chunk ``c``."""
+    t = c * C + tl.arange(0, C)
+    s = tl.arange(0, TK)
+    tmask = t < total_q
+    smask = s < topk
+    ptrs = q2k_ptr + g.to(tl.int64) * s_g + t.to(tl.int64)[:, None] * s_t + s.to(tl.int64)[None, :] * s_s
+    ids = tl.load(ptrs, mask=tmask[:, None] & smask[None, :], other=-1)
+    b = _find_request(cuq_ptr, t, B, niter)
+    bc = tl.minimum(b, B - 1)
+    qs = tl.load(cuq_ptr + bc)
+    qe = tl.load(cuq_ptr + bc + 1)
+    tok_ok = tmask & (b < B) & (qs <= t) & (t < qe)
+    rb = _nblocks(tl.load(cuk_ptr + bc), tl.load(cuk_ptr + bc + 1))
+    valid = tok_ok[:, None] & smask[None, :] & (ids >= 0) & (ids < rb[:, None]) & (ids < max_kvb)
+    jj = tl.where(valid, ids, 0)
+    row = _level_row(cuk_ptr, B, bc[:, None], jj)
+    valid = valid & (row < T)
+    return row, t - qs, valid
+
+
+@triton.jit
+def _csr_count_kernel(q2k_ptr, s_g, s_t, s_s, cuq_ptr, cuk_ptr, cnt_ptr, total_q, topk, B, niter, T, max_kvb,
+                      nch, C: tl.constexpr, TK: tl.constexpr):
+    g = tl.program_id(0)
+    c = tl.program_id(1)
+    row, i, valid = _entry_rows(q2k_ptr, s_g, s_t, s_s, cuq_ptr, cuk_ptr, g, c, total_q, topk, B, niter, T,
+                                max_kvb, C, TK)
+    base = cnt_ptr + (g.to(tl.int64) * nch + c) * T
+    ones = tl.full([C, TK], 1, tl.int32)
+    tl.atomic_add(base + tl.where(valid, row, 0), ones, mask=valid, sem="relaxed")
+
+
+@triton.jit
+def _csr_scan_chunks_kernel(cnt_ptr, tot_ptr, nch, T, NCB: tl.constexpr, BR: tl.constexpr):
+    g = tl.program_id(0)
+    r = tl.program_id(1) * BR + tl.arange(0, BR)
+    rmask = r < T
+    base = cnt_ptr + g.to(tl.int64) * nch * T
+    carry = tl.zeros([BR], tl.int32)
+    for c0 in range(0, nch, NCB):
+        c = c0 + tl.arange(0, NCB)
+        m = (c[:, None] < nch) & rmask[None, :]
+        p = base + c.to(tl.int64)[:, None] * T + r[None, :]
+        x = tl.load(p, mask=m, other=0)
+        incl = tl.cumsum(x, axis=0)
+        tl.store(p, incl - x + carry[None, :], mask=m)
+        carry += tl.sum(x, axis=0)
+    tl.store(tot_ptr + g.to(tl.int64) * T + r, carry, mask=rmask)
+
+
+@triton.jit
+def _csr_rowptr_kernel(tot_ptr, rp_ptr, T, BR: tl.constexpr):
+    g = tl.program_id(0)
+    base = rp_ptr + g.to(tl.int64) * (T + 1)
+    carry = tl.sum(tl.zeros([BR], tl.int32), axis=0)
+    tl.store(base, carry)
+    for r0 in range(0, T, BR):
+        r = r0 + tl.arange(0, BR)
+        m = r < T
+        x = tl.load(tot_ptr + g.to(tl.int64) * T + r, mask=m, other=0)
+        tl.store(base + 1 + r, tl.cumsum(x, axis=0) + carry, mask=m)
+        carry += tl.sum(x, axis=0)
+
+
+@triton.jit
+def _keep_run_start(a, b):
+    # packed (row << 16) | position, sorted by row: keep the left element while the row is unchanged
+    return tl.where((a >> 16) == (b >> 16), a, b)
+
+
+@triton.jit
+def _csr_scatter_kernel(q2k_ptr, s_g, s_t, s_s, cuq_ptr, cuk_ptr, cnt_ptr, rp_ptr, out_ptr, total_q, topk, B,
+                        niter, T, max_kvb, nch, ncols, C: tl.constexpr, TK: tl.constexpr):
+    g = tl.program_id(0)
+    c = tl.program_id(1)
+    CTK: tl.constexpr = C * TK
+    row, i, valid = _entry_rows(q2k_ptr, s_g, s_t, s_s, cuq_ptr, cuk_ptr, g, c, total_q, topk, B, niter, T,
+                                max_kvb, C, TK)
+    SENT: tl.constexpr = 0x7FFFFFFF00000000
+    key = tl.where(valid, (row << 32) | tl.broadcast_to(i[:, None], [C, TK]).to(tl.int64), SENT)
+    skey = tl.sort(tl.reshape(key, [CTK]))
+    srow = skey >> 32
+    sval = (skey - (srow << 32)).to(tl.int32)
+    ok = skey != SENT
+    p = tl.arange(0, CTK).to(tl.int64)
+    run = tl.associative_scan((srow << 16) | p, 0, _keep_run_start)
+    rank = p - (run & 0xFFFF)
+    rowc = tl.where(ok, srow, 0)
+    rp = tl.load(rp_ptr + g.to(tl.int64) * (T + 1) + rowc, mask=ok, other=0)
+    off = tl.load(cnt_ptr + (g.to(tl.int64) * nch + c) * T + rowc, mask=ok, other=0)
+    pos = rp.to(tl.int64) + off + rank
+    ok = ok & (pos >= 0) & (pos < ncols)
+    obase = out_ptr + g.to(tl.int64) * ncols
+    tl.store(obase + tl.where(ok, pos, 0), sval, mask=ok)
+    # the -1 tail: columns of this chunk's share that lie at or after nnz_g
+    nnz = tl.load(rp_ptr + g.to(tl.int64) * (T + 1) + T)
+    col = c.to(tl.int64) * C * topk + tl.arange(0, CTK)
+    fill = (tl.arange(0, CTK) < C * topk) & (col < ncols) & (col >= nnz)
+    tl.store(obase + col, tl.full([CTK], -1, tl.int32), mask=fill)
+
+
+@triton.jit
+def _rowinfo_kernel(cuk_ptr, B, T, rb_ptr, rj_ptr, BJ: tl.constexpr):
+    """Row -> (b, j) for rows < T (arrays pre-filled with -1). Grid (B, cdiv(T, BJ))."""
+    b = tl.program_id(0)
+    j0 = tl.program_id(1) * BJ
+    rb = _nblocks(tl.load(cuk_ptr + b), tl.load(cuk_ptr + b + 1))
+    if j0 < rb:
+        j = j0 + tl.arange(0, BJ)
+        row = _level_row(cuk_ptr, B, b, j)
+        m = (j < rb) & (row < T)
+        rowc = tl.where(m, row, 0)
+        tl.store(rb_ptr + rowc, tl.zeros([BJ], tl.int32) + b, mask=m)
+        tl.store(rj_ptr + rowc, j, mask=m)
+
+
+@triton.jit
+def _csr_invert_kernel(rp_ptr, s_rg, s_rr, qi_ptr, s_qg, s_qn, ncols, rb_ptr, rj_ptr, cuq_ptr, total_q, T,
+                       slots_ptr, nsplit, CAP: tl.constexpr, E: tl.constexpr):
+    """Insert block j of row r into the slot set of every token listed in the row. Grid (T, Hkv, nsplit)."""
+    r = tl.program_id(0)
+    g = tl.program_id(1)
+    sp = tl.program_id(2)
+    b = tl.load(rb_ptr + r)
+    j = tl.load(rj_ptr + r)
+    if b >= 0:
+        rbase = rp_ptr + g.to(tl.int64) * s_rg
+        p0 = tl.load(rbase + r.to(tl.int64) * s_rr)
+        p1 = tl.load(rbase + (r + 1).to(tl.int64) * s_rr)
+        p0 = tl.minimum(tl.maximum(p0, 0), ncols)
+        p1 = tl.minimum(tl.maximum(p1, 0), ncols)
+        qs = tl.load(cuq_ptr + b)
+        lq = tl.load(cuq_ptr + b + 1) - qs
+        jv = tl.zeros([E], tl.int32) + j
+        neg1 = tl.full([E], -1, tl.int32)
+        neg2 = tl.full([E], -2, tl.int32)
+        for n0 in range(p0 + sp * E, p1, nsplit * E):
+            n = n0 + tl.arange(0, E)
+            m = n < p1
+            i = tl.load(qi_ptr + g.to(tl.int64) * s_qg + n.to(tl.int64) * s_qn, mask=m, other=-1)
+            t = qs + i
+            act = m & (i >= 0) & (i < lq) & (t >= 0) & (t < total_q)
+            base = slots_ptr + (g.to(tl.int64) * total_q + tl.where(act, t, 0)) * CAP
+            k = p0 * 0
+            while (tl.max(act.to(tl.int32), axis=0) > 0) & (k < CAP):
+                # inactive lanes compare against -2 (never stored): a harmless read of a valid slot
+                addr = base + ((j + k) & (CAP - 1))
+                old = tl.atomic_cas(addr, tl.where(act, neg1, neg2), jv, sem="relaxed")
+                act = act & (old != -1) & (old != j)
+                k += 1
+
+
+# ----------------------------------------------------------------------------------------------
+# launchers
+# ----------------------------------------------------------------------------------------------
+
+def _chunk_tokens(tk: int, hkv: int, total_q: int, t_rows: int) -> int:
+    if interpreter_active():  # the interpreter's tl.sort / scans are slow on big tiles
+        return max(1, 256 // tk)
+    c = max(1, 2048 // tk)
+    # keep the chunk histogram (Hkv x chunks x T int32) bounded; bigger chunks sort more in registers
+    while c * tk < 8192 and hkv * triton.cdiv(total_q, c) * t_rows > (1 << 25):
+        c *= 2
+    return c
+
+
+def _build_triton(q2k, cu_q, cu_k, total_rows: int, max_kvb: int):
+    hkv, total_q, topk = q2k.shape
+    batch = cu_q.shape[0] - 1
+    dev = q2k.device
+    T = total_rows
+    ncols = total_q * topk
+    row_ptr = torch.zeros((hkv, T + 1), dtype=torch.int32, device=dev)
+    q_idx = torch.full((hkv, ncols), -1, dtype=torch.int32, device=dev)
+    if hkv == 0 or total_q == 0 or batch == 0 or T == 0:
+        return row_ptr, q_idx
+    cu_q = cu_q.contiguous()
+    cu_k = cu_k.contiguous()
+    tk = triton.next_power_of_2(topk)
+    C = _chunk_tokens(tk, hkv, total_q, T)
+    nch = triton.cdiv(total_q, C)
+    niter = _niter(batch)
+    cnt = torch.zeros((hkv, nch, T), dtype=torch.int32, device=dev)
+    tot = torch.empty((hkv, T), dtype=torch.int32, device=dev)
+    sg, st, ss = q2k.stride()
+    nw = 8 if C * tk >= 2048 else 4
+    _csr_count_kernel[(hkv, nch)](q2k, sg, st, ss, cu_q, cu_k, cnt, total_q, topk, batch, niter, T, max_kvb, nch,
+                                  C=C, TK=tk, num_warps=nw)
+    BR = min(64, triton.next_power_of_2(T))
+    NCB = max(1, min(triton.next_power_of_2(nch), 4096 // BR))
+    _csr_scan_chunks_kernel[(hkv, triton.cdiv(T, BR))](cnt, tot, nch, T, NCB=NCB, BR=BR, num_warps=4)
+    _csr_rowptr_kernel[(hkv,)](tot, row_ptr, T, BR=min(1024, triton.next_power_of_2(T)), num_warps=4)
+    _csr_scatter_kernel[(hkv, nch)](q2k, sg, st, ss, cu_q, cu_k, cnt, row_ptr, q_idx, total_q, topk, batch, niter, T,
+                                    max_kvb, nch, ncols, C=C, TK=tk, num_warps=nw)
+    return row_ptr, q_idx
+
+
+def _build_torch(q2k, cu_q, cu_k, total_rows: int, max_kvb: int):
+    """Pure-PyTorch path (CPU; reads the lengths on the host). Same output as the Triton path."""
+    hkv, total_q, topk = q2k.shape
+    dev = q2k.device
+    T = total_rows
+    ncols = total_q * topk
+    row_ptr = torch.zeros((hkv, T + 1), dtype=torch.int32, device=dev)
+    q_idx = torch.full((hkv, ncols), -1, dtype=torch.int32, device=dev)
+    batch = cu_q.shape[0] - 1
+    if hkv == 0 or total_q == 0 or batch == 0 or T == 0:
+        return row_ptr, q_idx
+    cuq = cu_q.to(torch.int64)
+    cuk = cu_k.to(torch.int64)
+    lk = (cuk[1:] - cuk[:-1]).clamp_min(0)
+    R = (lk + KV_BLOCK - 1) // KV_BLOCK  # [B]
+    levels = int(min(int(R.max()), max_kvb, T))
+    # level-major row map: rowmap[b, j] for j < levels
+    if levels > 0:
+        present = R.view(1, -1) > torch.arange(levels, device=dev).view(-1, 1)  # [levels, B]
+        flat = present.reshape(-1).to(torch.int64)
+        rowmap = (torch.cumsum(flat, 0) - 1).view(levels, batch).t().contiguous()  # [B, levels]
+    else:
+        rowmap = torch.zeros((batch, 1), dtype=torch.int64, device=dev)
+    t = torch.arange(total_q, device=dev)
+    b = torch.searchsorted(cuq[1:].contiguous(), t, right=True)
+    bc = b.clamp(max=batch - 1)
+    tok_ok = (b < batch) & (cuq[bc] <= t) & (t < cuq[bc + 1])
+    i = t - cuq[bc]
+    ids = q2k.to(torch.int64)  # [Hkv, total_q, topk]
+    valid = tok_ok.view(1, -1, 1) & (ids >= 0) & (ids < R[bc].view(1, -1, 1)) & (ids < levels)
+    jj = torch.where(valid, ids, torch.zeros_like(ids))
+    row = rowmap[bc.view(1, -1, 1).expand_as(jj), jj]
+    valid &= row < T
+    key = torch.where(valid, row, torch.full_like(row, T)).reshape(hkv, ncols)
+    skey, perm = torch.sort(key, dim=1, stable=True)
+    ival = i.view(1, -1, 1).expand(hkv, total_q, topk).reshape(hkv, ncols)
+    vals = torch.gather(ival, 1, perm)
+    q_idx = torch.where(skey < T, vals, torch.full_like(vals, -1)).to(torch.int32)
+    bounds = torch.arange(T + 1, device=dev).view(1, -1).expand(hkv, T + 1).contiguous()
+    row_ptr = torch.searchsorted(skey.contiguous(), bounds).to(torch.int32)
+    return row_ptr, q_idx
+
+
+def _use_triton(device: torch.device) -> bool:
+    """Triton kernels for CUDA tensors; CPU tensors take the PyTorch path, except under the Triton interpreter
+    when the tests force the kernels (``_FORCE_TRITON_ON_CPU``). Without ``TRITON_INTERPRET=1`` Triton cannot
+    run on CPU tensors at all, so the flag is ignored there (e.g. on a GPU machine)."""
+    if device.type == "cuda":
+        return True
+    return device.type == "cpu" and _FORCE_TRITON_ON_CPU and interpreter_active()
+
+
+@torch.library.custom_op(add_op_namespace_prefix("build_k2q_csr"), mutates_args=())
+def _build_k2q_csr_op(q2k_indices: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
+                      total_rows: int, max_kv_blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
+    if _use_triton(q2k_indices.device):
+        return _build_triton(q2k_indices, cu_seqlens_q, cu_seqlens_k, total_rows, max_kv_blocks)
+    return _build_torch(q2k_indices, cu_seqlens_q, cu_seqlens_k, total_rows, max_kv_blocks)
+
+
+@_build_k2q_csr_op.register_fake
+def _(q2k_indices, cu_seqlens_q, cu_seqlens_k, total_rows, max_kv_blocks):
+    hkv, total_q, topk = q2k_indices.shape
+    return (q2k_indices.new_empty((hkv, total_rows + 1), dtype=torch.int32),
+            q2k_indices.new_empty((hkv, total_q * topk), dtype=torch.int32))
+
+
+# ----------------------------------------------------------------------------------------------
+# public API
+# ----------------------------------------------------------------------------------------------
+
+def _host_int(name: str, value, *, allow_none: bool = False):
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    return value
+
+
+def check_cu_seqlens(cu_seqlens_q, cu_seqlens_k) -> int:
+    """int32 rank-1 non-empty equal-shape ``cu_seqlens_q/k``; returns ``B``."""
+    check_tensor("cu_seqlens_q", cu_seqlens_q, dtypes=(torch.int32,))
+    check_tensor("cu_seqlens_k", cu_seqlens_k, dtypes=(torch.int32,))
+    for name, t in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
+        if t.dim() != 1 or t.shape[0] == 0:
+            raise ValueError(f"{name} must be a non-empty 1-D tensor [B+1], got shape {tuple(t.shape)}")
+    if cu_seqlens_q.shape != cu_seqlens_k.shape:
+        raise ValueError(f"cu_seqlens_q {tuple(cu_seqlens_q.shape)} and cu_seqlens_k {tuple(cu_seqlens_k.shape)} "
+                         "must have the same shape")
+    return cu_seqlens_q.shape[0] - 1
+
+
+def build_k2q_csr(q2k_indices, cu_seqlens_q, cu_seqlens_k, kv_block_size, *, total_k=None, max_seqlen_k=None,
+                  max_seqlen_q=None, total_rows=None, qhead_per_kv=1, return_schedule=False):
+    """Per-token block ids -> KV-major CSR (API.md 5.3).
+
+    q2k_indices: int32 [Hkv, total_q, topK] batch-local block ids (any strides).
+    cu_seqlens_q, cu_seqlens_k: int32 [B+1]. kv_block_size must be 128. total_k: required host int.
+    Returns ``(k2q_row_ptr int32 [Hkv, T+1], k2q_q_indices int32 [Hkv, total_q*topK])`` and, with
+    ``return_schedule=True``, a disabled ``K2qSchedule`` as third element.
+    """
+    if total_k is None:
+        raise ValueError("build_k2q_csr requires total_k from k.shape[0]")
+    total_k = _host_int("total_k", total_k)
+    if total_k < 0:
+        raise ValueError(f"total_k must be >= 0, got {total_k}")
+    kv_block_size = _host_int("kv_block_size", kv_block_size)
+    if kv_block_size <= 0:
+        raise ValueError(f"kv_block_size must be positive, got {kv_block_size}")
+    if kv_block_size != KV_BLOCK:
+        raise MsaUnsupportedError(f"kv_block_size={kv_block_size} is not supported; only 128")
+    check_tensor("q2k_indices", q2k_indices, dtypes=(torch.int32,))
+    if q2k_indices.dim() != 3:
+        raise ValueError(f"q2k_indices must be 3-D [Hkv, total_q, topK], got shape {tuple(q2k_indices.shape)}")
+    if q2k_indices.shape[2] < 1:
+        raise ValueError(f"q2k_indices: topK must be >= 1, got {q2k_indices.shape[2]}")
+    batch = check_cu_seqlens(cu_seqlens_q, cu_seqlens_k)
+    check_devices((("q2k_indices", q2k_indices), ("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)),
+                  kernel=False)
+    max_seqlen_k = _host_int("max_seqlen_k", max_seqlen_k, allow_none=True)
+    max_seqlen_q = _host_int("max_seqlen_q", max_seqlen_q, allow_none=True)
+    if total_rows is None:
+        total_rows = default_total_rows(total_k, batch)
+    total_rows = _host_int("total_rows", total_rows)
+    if total_rows < 0:
+        raise ValueError(f"total_rows must be >= 0, got {total_rows}")
+    qhead_per_kv = _host_int("qhead_per_kv", qhead_per_kv)
+    if qhead_per_kv <= 0:
+        raise ValueError(f"qhead_per_kv must be > 0, got {qhead_per_kv}")
+    if return_schedule and (max_seqlen_k is None or max_seqlen_q is None):
+        raise ValueError("return_schedule=True requires max_seqlen_k and max_seqlen_q")
+    dev = q2k_indices.device
+    if dev.type != "cpu" and not dev.type == "cuda":
+        raise ValueError(f"q2k_indices must be a CUDA or CPU tensor, got {dev}")
+    row_ptr, q_idx = _build_k2q_csr_op(q2k_indices, cu_seqlens_q, cu_seqlens_k, total_rows,
+                                       max_kv_blocks_bound(max_seqlen_k, total_k))
+    if return_schedule:
+        return row_ptr, q_idx, K2qSchedule()
+    return row_ptr, q_idx
+
+
+class SparseK2qCsrBuilderSm100:
+    """Upstream's callable CSR builder (API.md 5.4); runs on any supported GPU (and CPU)."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __call__(self, q2k_indices, cu_seqlens_q, cu_seqlens_k, *, total_k=None, blk_kv=128, max_seqlen_k=None,
+                 max_seqlen_q=None, total_rows=None, qhead_per_kv=1, return_schedule=False):
+        return build_k2q_csr(q2k_indices, cu_seqlens_q, cu_seqlens_k, blk_kv, total_k=total_k,
+                             max_seqlen_k=max_seqlen_k, max_seqlen_q=max_seqlen_q, total_rows=total_rows,
+                             qhead_per_kv=qhead_per_kv, return_schedule=return_schedule)
+
+    def build(self, *args, **kwargs):
+        return build_k2q_csr(*args, **kwargs)
+
+
+# ----------------------------------------------------------------------------------------------
+# CSR -> per-token block sets
+# ----------------------------------------------------------------------------------------------
+
+def slot_capacity(topk: int) -> int:
+    """Slots per (g, token) of the inverted table: ``next_pow2(2 * topK)`` (load factor <= 1/2)."""
+    return triton.next_power_of_2(max(2, 2 * int(topk)))
+
+
+def invert_csr_slots(row_ptr, q_idx, cu_q, cu_k, total_q: int, cap: int):
+    """Device-side CSR -> slot sets ``int32 [Hkv, total_q, cap]`` (-1 = empty; unordered, deduplicated).
+
+    Row map from ``cu_k`` (level-major, 128-token blocks); ``T = row_ptr.shape[1] - 1``.
+    """
+    hkv = row_ptr.shape[0]
+    T = row_ptr.shape[1] - 1
+    batch = cu_q.shape[0] - 1
+    dev = row_ptr.device
+    slots = torch.full((hkv, total_q, cap), -1, dtype=torch.int32, device=dev)
+    if hkv == 0 or total_q == 0 or batch == 0 or T == 0 or q_idx.shape[1] == 0:
+        return slots
+    cu_q = cu_q.contiguous()
+    cu_k = cu_k.contiguous()
+    rinfo = torch.full((2, T), -1, dtype=torch.int32, device=dev)
+    BJ = 64
+    _rowinfo_kernel[(batch, triton.cdiv(T, BJ))](cu_k, batch, T, rinfo[0], rinfo[1], BJ=BJ, num_warps=2)
+    ncols = q_idx.shape[1]
+    E = 256
+    # split long rows over several programs (hot rows such as block 0 hold ~total_q entries)
+    nsplit = max(1, min(16, triton.cdiv(ncols, max(T, 1) * E)))
+    _csr_invert_kernel[(T, hkv, nsplit)](row_ptr, row_ptr.stride(0), row_ptr.stride(1), q_idx, q_idx.stride(0),
+                                         q_idx.stride(1), ncols, rinfo[0], rinfo[1], cu_q, total_q, T, slots, nsplit,
+                                         CAP=cap, E=E, num_warps=4)
+    return slots
+
+
+@torch.library.custom_op(add_op_namespace_prefix("k2q_to_q2k"), mutates_args=())
+def _k2q_to_q2k_op(row_ptr: torch.Tensor, q_idx: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Tensor,
+                   total_q: int, capacity: int) -> torch.Tensor:
+    slots = invert_csr_slots(row_ptr, q_idx, cu_q, cu_k, total_q, slot_capacity(capacity))
+    big = torch.iinfo(torch.int32).max
+    s = torch.sort(torch.where(slots < 0, torch.full_like(slots, big), slots), dim=2).values[:, :, :capacity]
+    return torch.where(s == big, torch.full_like(s, -1), s).contiguous()
+
+
+@_k2q_to_q2k_op.register_fake
+def _(row_ptr, q_idx, cu_q, cu_k, total_q, capacity):
+    return row_ptr.new_empty((row_ptr.shape[0], total_q, capacity), dtype=torch.int32)
+
+
+def k2q_to_q2k(k2q_row_ptr, k2q_q_indices, cu_seqlens_q, cu_seqlens_k, total_q: int, topK: int):
+    """CSR -> per-token block ids ``int32 [Hkv, total_q, topK]``: ascending distinct ids, -1 tail.
+
+    Set semantics of API.md 5.5 (repeated entries once, entries outside ``[0, Lq_b)`` ignored, row
+    pointers clamped). If a (g, t) has more than ``topK`` distinct blocks the result is unspecified.
+    Device-side (no host sync); CPU tensors only under the Triton interpreter.
+    """
+    check_tensor("k2q_row_ptr", k2q_row_ptr, ndim=2, dtypes=(torch.int32,))
+    check_tensor("k2q_q_indices", k2q_q_indices, ndim=2, dtypes=(torch.int32,))
+    check_cu_seqlens(cu_seqlens_q, cu_seqlens_k)
+    check_devices((("k2q_row_ptr", k2q_row_ptr), ("k2q_q_indices", k2q_q_indices), ("cu_seqlens_q", cu_seqlens_q),
+                   ("cu_seqlens_k", cu_seqlens_k)))
+    if k2q_row_ptr.shape[0] != k2q_q_indices.shape[0] or k2q_row_ptr.shape[1] < 1:
+        raise ValueError("k2q_row_ptr must be [Hkv, T+1] and k2q_q_indices [Hkv, N] with the same Hkv")
+    return _k2q_to_q2k_op(k2q_row_ptr, k2q_q_indices, cu_seqlens_q, cu_seqlens_k, int(total_q), int(topK))

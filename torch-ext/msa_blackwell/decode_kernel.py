@@ -44,7 +44,8 @@ LAYOUT_TOKEN = 1
 #   max_splits       hard cap on the split count
 #   big_tiles        if every split would still own >= this many tiles, the combine budget may be
 #                    exceeded (long dense contexts), up to max_splits
-#   combine_chunk    splits loaded per step by the combining program ([chunk, BLOCK_M, D] tile)
+#   combine_chunk    splits loaded per step by the combining program ([chunk, BLOCK_M, D] tile),
+#                    further limited so that chunk * BLOCK_M * D <= combine_elems (registers)
 # ---------------------------------------------------------------------------------------------
 _BASE = dict(
     block_n={64: 64, 128: 64, 256: 32},
@@ -52,11 +53,12 @@ _BASE = dict(
     num_stages=3,
     m_cap={64: 64, 128: 64, 256: 32},
     ctas_per_sm=2,
-    combine_budget=64 * 1024,
+    combine_budget=128 * 1024,
     min_tiles_split=1,
     max_splits=64,
     big_tiles=32,
     combine_chunk=4,
+    combine_elems=8192,
 )
 DECODE_CONFIGS = {
     9: dict(_BASE),  # Hopper: 228 KB smem per SM
@@ -100,12 +102,14 @@ class LaunchPlan:
         return "LaunchPlan(" + ", ".join(f"{k}={getattr(self, k)}" for k in self.__slots__) + ")"
 
 
+@functools.lru_cache(maxsize=512)
 def make_plan(device, *, B, Hkv, G, SQ, D, BS, topk, hint_blocks, split_override=0, max_grid=0) -> LaunchPlan:
     """Choose tile sizes and the split count.
 
     topk: slots per index row (0 = dense path); hint_blocks: dense path's expected block count
     (``min(page_table.shape[1], ceil(max_seqlen_k / BS))``); split_override > 0 forces the number of
-    tiles per split (wrapper hints); max_grid > 0 caps the grid.
+    tiles per split (wrapper hints); max_grid > 0 caps the grid. Cached on its arguments (call
+    ``make_plan.cache_clear()`` after editing ``DECODE_CONFIGS``).
     """
     cfg, sms = device_config(device)
     p = LaunchPlan()
@@ -141,7 +145,9 @@ def make_plan(device, *, B, Hkv, G, SQ, D, BS, topk, hint_blocks, split_override
     p.num_splits = -(-p.tiles_hint // p.tiles_per_split)
     p.num_warps = cfg["num_warps"][D]
     p.num_stages = cfg["num_stages"]
-    p.combine_chunk = min(_next_pow2(p.num_splits), cfg["combine_chunk"])
+    # the combining program holds [chunk, BLOCK_M, D] fp32 in registers: keep it <= combine_elems
+    chunk = max(1, cfg["combine_elems"] // (p.BLOCK_M * D))
+    p.combine_chunk = min(_next_pow2(p.num_splits), cfg["combine_chunk"], 1 << (chunk.bit_length() - 1))
     p.grid = (p.units * p.num_splits,)
     return p
 
@@ -264,7 +270,7 @@ def msa_decode_kernel(
     for t in range(t0, t1):
         c = t % TPB
         if DENSE:
-            j = (t // TPB).to(tl.int64)
+            j = tl.full([], 0, tl.int64) + t // TPB
             tile_ok = j < nb
             row_mem = row_ok
         else:

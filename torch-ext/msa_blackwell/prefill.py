@@ -1,4 +1,413 @@
-"""TEMPORARY development stub: replaced by the real module (must not be committed as is)."""
-def sparse_atten_func(*a, **k):
-    raise NotImplementedError("sparse_atten_func: not written yet")
+"""``sparse_atten_func``: block-sparse varlen prefill over a KV-major CSR (API.md section 5.5).
 
+Shapes: ``q [total_q, Hq, 128]``; dense ``k, v [total_k, Hkv, 128]`` or paged HND
+``k, v [num_pages, Hkv, 128, 128]`` with ``page_table int32 [B, max_pages]`` (+ ``seqused_k int32 [B]``);
+CSR ``k2q_row_ptr int32 [Hkv, T+1]``, ``k2q_q_indices int32 [Hkv, >= total_q*topK]``.
+Returns ``O [total_q, Hq, 128]`` (+ fp32 ``LSE [total_q, Hq]``, + ``LSE_T``).
+
+Design (query-outer, one Triton kernel family; no host sync, graph-capturable):
+
+1. **CSR inversion** (``csr.invert_csr_slots``, two small Triton kernels): row -> (request, block)
+   map recomputed from ``cu_seqlens_k`` (level-major), then every row segment is walked and its block id
+   is inserted into the per-(KV head, token) slot set ``slots [Hkv, total_q, CAP]``
+   (``CAP = next_pow2(2*topK)``) with a lock-free CAS open-addressing set. This realises the set
+   semantics of 5.5 (repeated (row, q) pairs once, entries outside ``[0, Lq_b)`` ignored, row pointers
+   clamped) independently of the CSR's order. The slot *set* is deterministic (only positions depend
+   on atomics order), and the attention kernel only uses the set.
+2. **Attention** (``_prefill_fwd_kernel``): one program per (tile of ``BMT`` consecutive query tokens of
+   one request, KV head ``g``); the ``G`` query heads of the group are folded into the MMA M dimension
+   (``M = BMT*G`` rows, 64..128 on GPU), so one K/V block load feeds all heads of the group. Tiles never
+   straddle requests: request ``b`` owns tiles ``[s_b, s_b + cdiv(Lq_b, BMT))`` with
+   ``s_b = (cu_q[b] + b*(BMT-1)) // BMT`` (disjoint, computed in-kernel by binary search; the grid is
+   ``(total_q + B*(BMT-1)) // BMT + 1`` tiles, a host-shape bound). The program iterates over the
+   **union** of the tile tokens' valid blocks in ascending order (next-minimum over the small
+   ``[BMT, CAP]`` id tile; ids already filtered by length, page bound and the block-level causal
+   limit), loads the 128-token K/V block once (dense rows or one page, through arbitrary strides, so
+   the permuted NHD->HND view is read in place; every load masked), computes ``S = Q K^T`` with
+   ``tl.dot`` (fp32 accumulate), masks per row by block membership, length, page validity and
+   bottom-right causality, and runs an exp2-domain online softmax with fp32 statistics and fp32
+   ``O`` accumulator. The trip count is counted first so the main loop is a ``for`` loop that Triton
+   can software-pipeline. In M3 neighbouring tokens share almost all blocks, so the union of an 8..64
+   token tile is ~topK blocks and nearly every MMA row does useful work.
+
+   Why query-outer rather than KV-outer over the CSR: a KV-outer kernel must merge per-row partial
+   results of one query (topK partials per (token, head)) through memory or atomics; query-outer keeps
+   the softmax in registers, needs no partials at all (``partial_dtype`` is moot: all statistics are
+   fp32), and is deterministic.
+
+Precision: bf16/fp16 Q/K/V feed ``tl.dot`` directly; fp8 K/V (and fp8 Q) are widened exactly to bf16
+in registers (so bf16 Q + fp8 K/V equals the bf16 call on ``k.to(bf16)``). P is rounded to the
+compute dtype (bf16/fp16) before PV. LSE is natural-log fp32; empty rows give O = 0 and LSE = -inf.
+"""
+
+import math
+import os
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from ._registry import add_op_namespace_prefix
+from ._validate import (FP8, attention_out_dtype, check_devices, check_gqa, check_head_dim, check_tensor,
+                        default_scale, interpreter_active)
+from .csr import KV_BLOCK, check_cu_seqlens, invert_csr_slots, slot_capacity
+from .errors import MsaUnsupportedError
+
+__all__ = ["sparse_atten_func"]
+
+_LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _prefill_fwd_kernel(
+    Q, K, V, O, LSE, LSET, SLOTS, CUQ, CUK, PT, SEQU,
+    sq_t, sq_h, sq_d,
+    sk_0, sk_1, sk_2, sk_3,
+    sv_0, sv_1, sv_2, sv_3,
+    spt_b, spt_p,
+    total_q, total_k, num_pages, max_pages, B, niter, Hq,
+    qk_scale, tau_scale,
+    CAUSAL: tl.constexpr, PAGED: tl.constexpr, HAS_SEQU: tl.constexpr, HAS_TAU: tl.constexpr,
+    BMT: tl.constexpr, G: tl.constexpr, CAP: tl.constexpr, D: tl.constexpr, BN: tl.constexpr,
+    BNS: tl.constexpr,
+):
+    M: tl.constexpr = BMT * G
+    BIG: tl.constexpr = 1 << 30
+    LN2: tl.constexpr = 0.6931471805599453
+    CDT = O.dtype.element_ty
+    pid = tl.program_id(0)
+    g = tl.program_id(1)
+
+    # ---- tile -> (request, first local token) --------------------------------------------------
+    lo = pid * 0
+    hi = lo + (B - 1)
+    for _ in range(niter):
+        act = lo < hi
+        mid = (lo + hi + 1) // 2
+        cm = tl.load(CUQ + mid)
+        ok = (cm + mid * (BMT - 1)) // BMT <= pid
+        lo = tl.where(act & ok, mid, lo)
+        hi = tl.where(act & (~ok), mid - 1, hi)
+    b = lo
+    qs = tl.load(CUQ + b)
+    lq = tl.load(CUQ + b + 1) - qs
+    i0 = (pid - (qs + b * (BMT - 1)) // BMT) * BMT
+    if PAGED:
+        if HAS_SEQU:
+            lk = tl.load(SEQU + b)
+        else:
+            lk = qs * 0 + max_pages * BN
+        ks = qs * 0
+    else:
+        ks = tl.load(CUK + b)
+        lk = tl.load(CUK + b + 1) - ks
+    lk = tl.maximum(lk, 0)
+    nb = (lk + BN - 1) // BN
+    if PAGED:
+        nb = tl.minimum(nb, max_pages)
+
+    if (i0 >= 0) & (i0 < lq):
+        r = tl.arange(0, M)
+        tok_r = i0 + r // G
+        head = g * G + r % G
+        t_r = qs + tok_r
+        row_ok = (tok_r < lq) & (t_r >= 0) & (t_r < total_q)
+        lim_r = tok_r + lk - lq
+        d = tl.arange(0, D)
+        cc = tl.arange(0, CAP)
+
+        q = tl.load(Q + t_r.to(tl.int64)[:, None] * sq_t + head.to(tl.int64)[:, None] * sq_h
+                    + d.to(tl.int64)[None, :] * sq_d, mask=row_ok[:, None], other=0.0).to(CDT)
+
+        # per-row and per-token block ids, filtered by length / page bound / block-level causality
+        srow = (g.to(tl.int64) * total_q + t_r) * CAP
+        ids_r = tl.load(SLOTS + srow[:, None] + cc[None, :], mask=row_ok[:, None], other=-1)
+        ok_r = (ids_r >= 0) & (ids_r < nb)
+        if CAUSAL:
+            ok_r = ok_r & (ids_r * BN <= lim_r[:, None])
+        ids_r = tl.where(ok_r, ids_r, BIG)
+        tok_t = i0 + tl.arange(0, BMT)
+        t_t = qs + tok_t
+        tok_ok = (tok_t < lq) & (t_t >= 0) & (t_t < total_q)
+        stok = (g.to(tl.int64) * total_q + t_t) * CAP
+        ids_t = tl.load(SLOTS + stok[:, None] + cc[None, :], mask=tok_ok[:, None], other=-1)
+        ok_t = (ids_t >= 0) & (ids_t < nb)
+        if CAUSAL:
+            ok_t = ok_t & (ids_t * BN <= (tok_t + lk - lq)[:, None])
+        ids_t = tl.where(ok_t, ids_t, BIG)
+
+        # number of distinct blocks of the tile (so that the main loop is a pipelinable `for`)
+        zero = tl.sum(tl.zeros([BMT], tl.int32), axis=0)
+        n_u = zero
+        cur = zero - 1
+        nxt = tl.min(tl.where(ids_t > cur, ids_t, BIG))
+        while nxt < BIG:
+            n_u += 1
+            cur = nxt
+            nxt = tl.min(tl.where(ids_t > cur, ids_t, BIG))
+
+        m_i = tl.full([M], float("-inf"), tl.float32)
+        l_i = tl.zeros([M], tl.float32)
+        acc = tl.zeros([M, D], tl.float32)
+        m2 = tl.full([M], float("-inf"), tl.float32)
+        l2 = tl.zeros([M], tl.float32)
+        cur = zero - 1
+        for _ in range(0, n_u):
+            cur = tl.min(tl.where(ids_t > cur, ids_t, BIG))
+            sel = tl.max(tl.where(ids_r == cur, 1, 0), axis=1) > 0
+            if PAGED:
+                page = tl.load(PT + b.to(tl.int64) * spt_b + cur.to(tl.int64) * spt_p)
+                pg_ok = (page >= 0) & (page < num_pages)
+                pg = tl.where(pg_ok, page, 0).to(tl.int64)
+            for hh in tl.static_range(BN // BNS):
+                cn = hh * BNS + tl.arange(0, BNS)
+                x = cur * BN + cn
+                col_ok = x < lk
+                if PAGED:
+                    col_ok = col_ok & pg_ok
+                    kp = K + pg * sk_0 + g * sk_1 + cn.to(tl.int64)[:, None] * sk_2 + d[None, :] * sk_3
+                    vp = V + pg * sv_0 + g * sv_1 + cn.to(tl.int64)[:, None] * sv_2 + d[None, :] * sv_3
+                else:
+                    xg = (ks + x).to(tl.int64)
+                    col_ok = col_ok & (xg >= 0) & (xg < total_k)
+                    kp = K + xg[:, None] * sk_0 + g * sk_1 + d[None, :] * sk_2
+                    vp = V + xg[:, None] * sv_0 + g * sv_1 + d[None, :] * sv_2
+                k = tl.load(kp, mask=col_ok[:, None], other=0.0).to(CDT)
+                s = tl.dot(q, tl.trans(k))
+                ok = sel[:, None] & col_ok[None, :]
+                if CAUSAL:
+                    ok = ok & (x[None, :] <= lim_r[:, None])
+                s2 = tl.where(ok, s * qk_scale, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(s2, 1))
+                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+                alpha = tl.exp2(m_i - m_safe)
+                p = tl.exp2(s2 - m_safe[:, None])
+                l_i = l_i * alpha + tl.sum(p, 1)
+                vv = tl.load(vp, mask=col_ok[:, None], other=0.0).to(CDT)
+                acc = acc * alpha[:, None] + tl.dot(p.to(CDT), vv)
+                m_i = m_new
+                if HAS_TAU:
+                    s3 = tl.where(ok, s * tau_scale, float("-inf"))
+                    m2n = tl.maximum(m2, tl.max(s3, 1))
+                    m2s = tl.where(m2n == float("-inf"), 0.0, m2n)
+                    l2 = l2 * tl.exp2(m2 - m2s) + tl.sum(tl.exp2(s3 - m2s[:, None]), 1)
+                    m2 = m2n
+
+        nonempty = l_i > 0
+        l_safe = tl.where(nonempty, l_i, 1.0)
+        o = acc / l_safe[:, None]
+        orow = t_r.to(tl.int64) * Hq + head
+        tl.store(O + orow[:, None] * D + d[None, :], o.to(CDT), mask=row_ok[:, None])
+        lse = tl.where(nonempty, (m_i + tl.log2(l_safe)) * LN2, float("-inf"))
+        tl.store(LSE + orow, lse, mask=row_ok)
+        if HAS_TAU:
+            l2s = tl.where(l2 > 0, l2, 1.0)
+            lset = tl.where(nonempty, (m2 + tl.log2(l2s)) * LN2, float("-inf"))
+            tl.store(LSET + orow, lset, mask=row_ok)
+
+
+_GPU_TILE_TOKENS = {1: 64, 2: 32, 4: 32, 8: 16, 16: 8}
+
+
+def _launch_config(G: int):
+    """(tokens per tile BMT, KV sub-block BNS, num_warps, num_stages). M = BMT*G MMA rows.
+
+    ``MSA_PREFILL_CFG="bmt,bns,warps,stages"`` overrides it (tuning only; BMT*G >= 16, BNS | 128).
+    """
+    env = os.environ.get("MSA_PREFILL_CFG")
+    if env:
+        bmt, bns, nw, ns = (int(x) for x in env.split(","))
+        return bmt, bns, nw, ns
+    if interpreter_active():
+        return max(1, 16 // G), 128, 4, 1
+    bmt = _GPU_TILE_TOKENS[G]
+    m = bmt * G
+    return bmt, 128 if m <= 64 else 64, 8 if m >= 128 else 4, 2
+
+
+def _prefill_launch(q, k, v, row_ptr, q_idx, cu_q, cu_k, page_table, seqused_k, topk, causal, scale, tau,
+                    with_tau, out_dtype):
+    total_q, hq, d = q.shape
+    paged = page_table is not None
+    hkv = k.shape[1]
+    G = hq // hkv
+    batch = cu_q.shape[0] - 1
+    out = torch.empty((total_q, hq, d), dtype=out_dtype, device=q.device)
+    lse = torch.empty((total_q, hq), dtype=torch.float32, device=q.device)
+    lse_t = torch.empty((total_q, hq) if with_tau else (0,), dtype=torch.float32, device=q.device)
+    if total_q == 0:
+        return out, lse, lse_t
+    if batch == 0:
+        out.zero_()
+        lse.fill_(float("-inf"))
+        lse_t.fill_(float("-inf"))
+        return out, lse, lse_t
+    cu_q = cu_q.contiguous()
+    cu_k = cu_k.contiguous()
+    cap = slot_capacity(topk)
+    slots = invert_csr_slots(row_ptr, q_idx, cu_q, cu_k, total_q, cap)
+    bmt, bns, nw, ns = _launch_config(G)
+    n_tiles = (total_q + batch * (bmt - 1)) // bmt + 1
+    if paged:
+        sk = k.stride()
+        sv = v.stride()
+        spt = page_table.stride()
+        num_pages, max_pages = k.shape[0], page_table.shape[1]
+        total_k = 0
+    else:
+        sk = k.stride() + (0,)
+        sv = v.stride() + (0,)
+        spt = (0, 0)
+        num_pages, max_pages = 0, 0
+        total_k = k.shape[0]
+    dummy = cu_q
+    _prefill_fwd_kernel[(n_tiles, hkv)](
+        q, k, v, out, lse, lse_t if with_tau else lse, slots, cu_q, cu_k,
+        page_table if paged else dummy, seqused_k if seqused_k is not None else dummy,
+        q.stride(0), q.stride(1), q.stride(2),
+        sk[0], sk[1], sk[2], sk[3], sv[0], sv[1], sv[2], sv[3], spt[0], spt[1],
+        total_q, total_k, num_pages, max_pages, batch, max(1, int(batch).bit_length() + 1), hq,
+        scale * _LOG2E, scale * _LOG2E / tau,
+        CAUSAL=bool(causal), PAGED=paged, HAS_SEQU=seqused_k is not None, HAS_TAU=bool(with_tau),
+        BMT=bmt, G=G, CAP=cap, D=d, BN=KV_BLOCK, BNS=bns, num_warps=nw, num_stages=ns,
+    )
+    return out, lse, lse_t
+
+
+@torch.library.custom_op(add_op_namespace_prefix("sparse_prefill_fwd"), mutates_args=())
+def _sparse_prefill_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k2q_row_ptr: torch.Tensor,
+                       k2q_q_indices: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
+                       page_table: Optional[torch.Tensor], seqused_k: Optional[torch.Tensor], topk: int,
+                       causal: bool, softmax_scale: float, tau: float,
+                       with_tau: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    out_dtype = torch.bfloat16 if q.dtype == FP8 else q.dtype
+    return _prefill_launch(q, k, v, k2q_row_ptr, k2q_q_indices, cu_seqlens_q, cu_seqlens_k, page_table, seqused_k,
+                           topk, causal, softmax_scale, tau, with_tau, out_dtype)
+
+
+@_sparse_prefill_op.register_fake
+def _(q, k, v, k2q_row_ptr, k2q_q_indices, cu_seqlens_q, cu_seqlens_k, page_table, seqused_k, topk, causal,
+      softmax_scale, tau, with_tau):
+    out_dtype = torch.bfloat16 if q.dtype == FP8 else q.dtype
+    total_q, hq, d = q.shape
+    return (q.new_empty((total_q, hq, d), dtype=out_dtype), q.new_empty((total_q, hq), dtype=torch.float32),
+            q.new_empty((total_q, hq) if with_tau else (0,), dtype=torch.float32))
+
+
+_ATTN_DTYPES = (torch.bfloat16, torch.float16, FP8)
+_PARTIAL_DTYPES = (torch.float32, torch.bfloat16, torch.float16, FP8)
+
+
+def _check_opt_dtype(name: str, value):
+    if value is None:
+        return None
+    if not isinstance(value, torch.dtype) or value not in _ATTN_DTYPES:
+        raise TypeError(f"{name} must be one of bfloat16, float16, float8_e4m3fn (or None), got {value}")
+    return value
+
+
+def sparse_atten_func(q, k, v, k2q_row_ptr, k2q_q_indices, topK, *, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                      max_seqlen_k, blk_kv=128, causal=False, softmax_scale=None, lse_temperature_scale=1.0,
+                      return_temperature_lse=False, partial_dtype=torch.bfloat16, return_softmax_lse=False,
+                      page_table=None, seqused_k=None, schedule=None, usable_SM_count=-1, qk_dtype=None,
+                      pv_dtype=None):
+    """Block-sparse varlen attention over the KV-major CSR of ``build_k2q_csr`` (API.md 5.5).
+
+    q: [total_q, Hq, 128] bf16/fp16/fp8. Dense k, v: [total_k, Hkv, 128]; paged k, v:
+    [num_pages, Hkv, 128, 128] with page_table int32 [B, max_pages] and optional seqused_k int32 [B].
+    k2q_row_ptr int32 [Hkv, T+1], k2q_q_indices int32 [Hkv, >= total_q*topK]; cu_seqlens_q/k int32 [B+1].
+    Returns O [total_q, Hq, 128] (Q's dtype; bf16 for fp8 Q), plus LSE fp32 [total_q, Hq] with
+    ``return_softmax_lse``, plus LSE_T with ``return_temperature_lse`` (the same object as LSE when
+    ``|tau - 1| <= 1e-12``).
+    """
+    # ---- q / k / v ------------------------------------------------------------------------------
+    check_tensor("q", q)
+    if q.dim() != 3:
+        raise ValueError(f"q must be 3-D [total_q, Hq, D], got shape {tuple(q.shape)}")
+    if q.dtype not in _ATTN_DTYPES:
+        raise TypeError(f"q dtype {q.dtype} is not supported; use bfloat16, float16 or float8_e4m3fn")
+    check_tensor("k", k)
+    check_tensor("v", v)
+    check_devices((("q", q), ("k", k), ("v", v)))
+    out_dtype = attention_out_dtype(q, k, v)
+    paged = page_table is not None
+    if k.dim() != v.dim() or k.dim() != (4 if paged else 3):
+        raise ValueError(f"k and v must be {'4-D [num_pages, Hkv, blk_kv, D]' if paged else '3-D [total_k, Hkv, D]'}, "
+                         f"got {tuple(k.shape)} and {tuple(v.shape)}")
+    if k.shape[-1] != q.shape[-1] or v.shape[-1] != q.shape[-1]:
+        raise ValueError(f"head dims differ: q {q.shape[-1]}, k {k.shape[-1]}, v {v.shape[-1]}")
+    check_head_dim("q", q.shape[-1])
+    total_q, hq, d = q.shape
+    hkv = k.shape[1]
+    check_gqa(hq, hkv)
+
+    # ---- CSR ------------------------------------------------------------------------------------
+    for name, t in (("k2q_row_ptr", k2q_row_ptr), ("k2q_q_indices", k2q_q_indices)):
+        check_tensor(name, t, dtypes=(torch.int32,))
+        if t.dim() != 2 or t.shape[0] != hkv:
+            raise ValueError(f"{name} must be 2-D [Hkv={hkv}, *], got shape {tuple(t.shape)}")
+    if isinstance(topK, bool) or not isinstance(topK, int):
+        raise TypeError(f"topK must be an int, got {type(topK).__name__}")
+    if not 1 <= topK <= 64:
+        raise ValueError(f"topK must be in [1, 64], got {topK}")
+    if k2q_q_indices.shape[1] < total_q * topK:
+        raise ValueError(f"k2q_q_indices.shape[1] ({k2q_q_indices.shape[1]}) must be >= total_q*topK "
+                         f"({total_q * topK})")
+    if k2q_row_ptr.shape[1] < 1:
+        raise ValueError("k2q_row_ptr must have at least one column [Hkv, T+1]")
+    batch = check_cu_seqlens(cu_seqlens_q, cu_seqlens_k)
+
+    # ---- dense / paged KV -----------------------------------------------------------------------
+    if isinstance(blk_kv, bool) or not isinstance(blk_kv, int):
+        raise TypeError(f"blk_kv must be an int, got {type(blk_kv).__name__}")
+    if not paged:
+        if seqused_k is not None:
+            raise ValueError("seqused_k is only supported together with page_table")
+        if k.shape != v.shape or k.shape[1:] != (hkv, d):
+            raise ValueError(f"dense k and v must both be [total_k, Hkv, {d}], got {tuple(k.shape)} and {tuple(v.shape)}")
+        if blk_kv != KV_BLOCK:
+            raise MsaUnsupportedError(f"blk_kv={blk_kv} is not supported; only 128")
+    else:
+        check_tensor("page_table", page_table, dtypes=(torch.int32,))
+        if page_table.dim() != 2 or page_table.shape[0] != batch:
+            raise ValueError(f"page_table must be [B={batch}, max_pages], got shape {tuple(page_table.shape)}")
+        if k.shape != v.shape:
+            raise ValueError(f"paged k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+        if k.shape[2] != blk_kv:
+            raise ValueError(f"k.shape[2] ({k.shape[2]}) must equal blk_kv ({blk_kv})")
+        if blk_kv != KV_BLOCK:
+            raise MsaUnsupportedError(f"blk_kv={blk_kv} is not supported; only 128")
+        if seqused_k is not None:
+            check_tensor("seqused_k", seqused_k, dtypes=(torch.int32,))
+            if seqused_k.dim() != 1 or seqused_k.shape[0] != batch:
+                raise ValueError(f"seqused_k must be [B={batch}], got shape {tuple(seqused_k.shape)}")
+
+    # ---- scalars / advisory args ----------------------------------------------------------------
+    tau = float(lse_temperature_scale)
+    if not math.isfinite(tau) or tau <= 0:
+        raise ValueError(f"lse_temperature_scale must be finite and > 0, got {lse_temperature_scale}")
+    if return_temperature_lse and not return_softmax_lse:
+        raise ValueError("return_temperature_lse=True requires return_softmax_lse=True")
+    if not isinstance(partial_dtype, torch.dtype) or partial_dtype not in _PARTIAL_DTYPES:
+        raise TypeError(f"partial_dtype must be one of float32, bfloat16, float16, float8_e4m3fn, got {partial_dtype}")
+    if _check_opt_dtype("qk_dtype", qk_dtype) is not None and qk_dtype != q.dtype:
+        raise ValueError(f"qk_dtype ({qk_dtype}) must equal q.dtype ({q.dtype}); Q fp8->bf16 staging is not supported")
+    if _check_opt_dtype("pv_dtype", pv_dtype) is not None:
+        if not (pv_dtype == v.dtype or (pv_dtype == torch.bfloat16 and v.dtype == FP8)):
+            raise ValueError(f"pv_dtype ({pv_dtype}) must equal v.dtype ({v.dtype}) or be bfloat16 with fp8 v")
+    scale = default_scale(softmax_scale, d)
+
+    named = [("q", q), ("k", k), ("v", v), ("k2q_row_ptr", k2q_row_ptr), ("k2q_q_indices", k2q_q_indices),
+             ("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k), ("page_table", page_table),
+             ("seqused_k", seqused_k)]
+    check_devices(named)
+
+    with_tau = bool(return_temperature_lse) and abs(tau - 1.0) > 1e-12
+    out, lse, lse_t = _sparse_prefill_op(q, k, v, k2q_row_ptr, k2q_q_indices, cu_seqlens_q, cu_seqlens_k,
+                                         page_table, seqused_k, topK, bool(causal), scale, tau, with_tau)
+    if not return_softmax_lse:
+        return out
+    if not return_temperature_lse:
+        return out, lse
+    return out, lse, (lse_t if with_tau else lse)

@@ -1,0 +1,177 @@
+"""Sparse decode roofline (GPU only): M3 shape, Hq 64, Hkv 4, D 128, top-16 of 128-token blocks, bf16.
+
+``run(msa, timing) -> list[dict]``. For B in {1, 8, 64, 256} and context {4K, 32K, 128K}:
+
+* ``official``: ``sparse_decode_atten_func`` on a paged HND cache (eager and CUDA-graph replay);
+* ``wrapper``: ``SparseDecodePagedAttentionWrapper.run(out=...)`` (graph replay; one launch);
+* ``direct``: ``flash_decode_with_gqa_share_sparse`` on the token-major NHD cache (graph replay);
+* ``torch``: gather the selected pages + SDPA (graph replay), the naive baseline;
+* FP8 (e4m3) KV at B = 64 (target <= 0.6x the bf16 time);
+* a split-policy sweep at B = 1 / 8 (32K), showing the chosen ``num_splits`` per variant.
+
+Input sets share one big KV pool (several GB) but use different random page tables / block ids, so
+the rotation touches far more than the 50 MB L2 (``timing.num_sets``). Bandwidth counts K+V bytes
+of the selected blocks plus q and o; ``%copy`` relates it to the measured copy bandwidth.
+"""
+
+import importlib
+
+import torch
+import torch.nn.functional as F
+
+HQ, HKV, D, BS, TOPK = 64, 4, 128, 128, 16
+POOL_PAGES = 12288  # 12288 pages x 4 heads x 128 x 128 x 2 B = 1.5 GiB per K (or V) in bf16
+
+
+def _make_sets(b, ctx, n_sets, dev):
+    """Per set: q [B, 64, 128], page_table [B, maxp], seqused_k [B], q2k [4, B, 16] (distinct ids, local last)."""
+    maxp = -(-ctx // BS)
+    sets = []
+    for _ in range(n_sets):
+        q = torch.randn(b, HQ, D, dtype=torch.bfloat16, device=dev)
+        pt = torch.randint(0, POOL_PAGES, (b, maxp), dtype=torch.int32, device=dev)
+        sk = torch.full((b,), ctx, dtype=torch.int32, device=dev)
+        nb = maxp
+        r = torch.rand(HKV, b, nb - 1, device=dev).argsort(-1)[..., : TOPK - 1] if nb > 1 else \
+            torch.empty(HKV, b, 0, dtype=torch.long, device=dev)
+        local = torch.full((HKV, b, 1), nb - 1, dtype=torch.long, device=dev)
+        idx = torch.cat([r, local], -1)
+        if idx.shape[-1] < TOPK:
+            idx = torch.cat([idx, torch.full((HKV, b, TOPK - idx.shape[-1]), -1, device=dev, dtype=torch.long)], -1)
+        sets.append((q, pt, sk, idx.to(torch.int32).contiguous()))
+    return sets
+
+
+def _torch_naive(q, k, v, pt, sk, idx):
+    """Gather the selected pages per (request, KV head), mask by length, SDPA (GQA)."""
+    b = q.shape[0]
+    valid = idx >= 0
+    ids = idx.clamp(min=0).long()  # [Hkv, B, K]
+    pages = torch.gather(pt.long().unsqueeze(0).expand(HKV, -1, -1), 2, ids)  # [Hkv, B, K]
+    heads = torch.arange(HKV, device=q.device).view(HKV, 1, 1).expand_as(pages)
+    ks = k[pages, heads]  # [Hkv, B, K, 128, D]
+    vs = v[pages, heads]
+    ks = ks.permute(1, 0, 2, 3, 4).reshape(b, HKV, TOPK * BS, D)
+    vs = vs.permute(1, 0, 2, 3, 4).reshape(b, HKV, TOPK * BS, D)
+    x = ids.permute(1, 0, 2).unsqueeze(-1) * BS + torch.arange(BS, device=q.device)  # [B, Hkv, K, 128]
+    ok = (x < sk.view(b, 1, 1, 1)) & valid.permute(1, 0, 2).unsqueeze(-1)
+    mask = ok.reshape(b, HKV, 1, TOPK * BS).repeat_interleave(HQ // HKV, 1)
+    return F.scaled_dot_product_attention(q.unsqueeze(2), ks, vs, attn_mask=mask, enable_gqa=True).squeeze(2)
+
+
+def _bytes(b, kv_elem):
+    return b * HKV * TOPK * BS * D * 2 * kv_elem + 2 * b * HQ * D * 2
+
+
+def run(msa, timing):
+    dev = torch.device("cuda")
+    dk = importlib.import_module(msa.__name__ + ".decode_kernel")
+    copy_bw = getattr(timing, "COPY_BW", None) or timing.measure_copy_bandwidth()
+    quick = getattr(timing, "QUICK", False)
+    # token-major NHD pools; the official API reads their permuted HND view in place, plus a contiguous HND pool
+    kc = torch.randn(POOL_PAGES * BS, HKV, D, dtype=torch.bfloat16, device=dev)
+    vc = torch.randn(POOL_PAGES * BS, HKV, D, dtype=torch.bfloat16, device=dev)
+    k_view = kc.view(POOL_PAGES, BS, HKV, D).permute(0, 2, 1, 3)
+    v_view = vc.view(POOL_PAGES, BS, HKV, D).permute(0, 2, 1, 3)
+    k_hnd = k_view.contiguous()
+    v_hnd = v_view.contiguous()
+    rows = []
+
+    def row(kind, b, ctx, us, eager=None, kv_elem=2, **extra):
+        nbytes = _bytes(b, kv_elem)
+        r = {"path": kind, "B": b, "ctx": ctx, "us graph": us, "us eager": eager, "GB/s": nbytes / us / 1e3,
+             "%copy": 100 * nbytes / (us * 1e-6) / copy_bw}
+        r.update(extra)
+        rows.append(r)
+        return r
+
+    batches = (1, 8, 64) if quick else (1, 8, 64, 256)
+    ctxs = (32768,) if quick else (4096, 32768, 131072)
+    for b in batches:
+        n_sets = timing.num_sets(_bytes(b, 2))
+        for ctx in ctxs:
+            sets = _make_sets(b, ctx, n_sets, dev)
+
+            def official(q, pt, sk, idx, k=k_hnd, v=v_hnd):
+                return msa.sparse_decode_atten_func(q, k, v, idx, page_table=pt, seqused_k=sk, seqlen_q=1,
+                                                    max_seqlen_k=ctx)
+
+            us_g = timing.bench_graph(official, sets)
+            us_e = timing.bench_events(official, sets)
+            p = dk.make_plan(dev, B=b, Hkv=HKV, G=HQ // HKV, SQ=1, D=D, BS=BS, topk=TOPK, hint_blocks=0)
+            row("official HND", b, ctx, us_g, us_e, splits=p.num_splits)
+            if ctx == 32768:
+                def official_view(q, pt, sk, idx):
+                    return official(q, pt, sk, idx, k=k_view, v=v_view)
+
+                row("official NHD-view", b, ctx, timing.bench_graph(official_view, sets), splits=p.num_splits)
+                wsets = []
+                for (q, pt, sk, idx) in sets:
+                    w = msa.SparseDecodePagedAttentionWrapper().plan(
+                        page_table=pt, seqused_k=sk, seqlen_q=1, max_seqlen_k=ctx, q2k_indices=idx,
+                        num_qo_heads=HQ, num_kv_heads=HKV, head_dim=D)
+                    wsets.append((w, q, torch.empty_like(q)))
+                row("wrapper", b, ctx, timing.bench_graph(lambda w, q, o: w.run(q, k_hnd, v_hnd, out=o), wsets),
+                    timing.bench_events(lambda w, q, o: w.run(q, k_hnd, v_hnd, out=o), wsets), splits=p.num_splits)
+                dsets = []
+                for (q, pt, sk, idx) in sets:
+                    x = torch.arange(pt.shape[1] * BS, device=dev)
+                    r2t = (pt.long()[:, x // BS] * BS + x % BS).to(torch.int32)
+                    dsets.append((q, r2t, sk, torch.arange(b, device=dev, dtype=torch.int32), idx))
+                row("direct token-major", b, ctx, timing.bench_graph(
+                    lambda q, r2t, sk, sid, idx: msa.flash_decode_with_gqa_share_sparse(
+                        q, None, kc, vc, r2t, sk, sid, BS, idx), dsets), splits=p.num_splits)
+                del dsets, wsets
+                if b <= 64:
+                    row("torch gather+SDPA", b, ctx, timing.bench_graph(
+                        lambda q, pt, sk, idx: _torch_naive(q, k_hnd, v_hnd, pt, sk, idx), sets))
+            del sets
+    timing.print_table(rows, ["path", "B", "ctx", "splits", "us graph", "us eager", "GB/s", "%copy"],
+                       title=f"Sparse decode, M3 shape ({timing.device_name()}, copy {copy_bw / 1e9:.0f} GB/s)")
+
+    # FP8 KV at B = 64 (32K): target <= 0.6x the bf16 time
+    fp8_rows = []
+    k8 = k_hnd.to(torch.float8_e4m3fn)
+    v8 = v_hnd.to(torch.float8_e4m3fn)
+    b, ctx = 64, 32768
+    sets = _make_sets(b, ctx, timing.num_sets(_bytes(b, 1)), dev)
+    us = {}
+    for name, (k, v) in (("bf16", (k_hnd, v_hnd)), ("fp8 e4m3", (k8, v8))):
+        us[name] = timing.bench_graph(lambda q, pt, sk, idx: msa.sparse_decode_atten_func(
+            q, k, v, idx, page_table=pt, seqused_k=sk, seqlen_q=1, max_seqlen_k=ctx), sets)
+        r = row(f"official {name} KV", b, ctx, us[name], kv_elem=2 if name == "bf16" else 1)
+        fp8_rows.append(r)
+    fp8_rows[-1]["fp8/bf16"] = us["fp8 e4m3"] / us["bf16"]
+    timing.print_table(fp8_rows, ["path", "B", "ctx", "us graph", "GB/s", "%copy", "fp8/bf16"],
+                       title="FP8 KV vs bf16 KV (target fp8/bf16 <= 0.6)")
+    del k8, v8, sets
+
+    # split-policy sweep (B = 1, 8; 32K): which num_splits wins on this card
+    sweep = []
+    major = torch.cuda.get_device_properties(dev).major
+    key = major if major in dk.DECODE_CONFIGS else 9
+    saved = dict(dk.DECODE_CONFIGS[key])
+    variants = [dict(), dict(combine_budget=32 * 1024), dict(combine_budget=64 * 1024),
+                dict(combine_budget=256 * 1024), dict(ctas_per_sm=1), dict(ctas_per_sm=4, combine_budget=256 * 1024),
+                dict(min_tiles_split=2), dict(min_tiles_split=4), dict(num_stages=2), dict(num_warps={128: 8})]
+    for b in (1, 8) if not quick else (1,):
+        sets = _make_sets(b, 32768, timing.num_sets(_bytes(b, 2)), dev)
+        for var in variants:
+            dk.DECODE_CONFIGS[key] = dict(saved, **var)
+            dk.make_plan.cache_clear()
+            try:
+                p = dk.make_plan(dev, B=b, Hkv=HKV, G=HQ // HKV, SQ=1, D=D, BS=BS, topk=TOPK, hint_blocks=0)
+                us_g = timing.bench_graph(lambda q, pt, sk, idx: msa.sparse_decode_atten_func(
+                    q, k_hnd, v_hnd, idx, page_table=pt, seqused_k=sk, seqlen_q=1, max_seqlen_k=32768), sets)
+                sweep.append({"B": b, "variant": str(var) or "default", "splits": p.num_splits,
+                              "tiles/split": p.tiles_per_split, "us graph": us_g,
+                              "%copy": 100 * _bytes(b, 2) / (us_g * 1e-6) / copy_bw})
+            finally:
+                dk.DECODE_CONFIGS[key] = saved
+                dk.make_plan.cache_clear()
+        del sets
+    timing.print_table(sweep, ["B", "variant", "splits", "tiles/split", "us graph", "%copy"],
+                       title="Split-policy sweep (official API, 32K, graph replay)")
+    del kc, vc, k_hnd, v_hnd
+    torch.cuda.empty_cache()
+    return rows + sweep

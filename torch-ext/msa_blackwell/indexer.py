@@ -1,0 +1,534 @@
+"""FP4 indexer block scores (API.md §5.14, §11.4).
+
+``fp4_indexer_block_scores`` computes, for every query token ``t`` and Q head ``h``, the max over
+each 128-token KV block ``j`` of the raw dot products ``<deq(q[t, h]), deq(k[x, h // G])>``
+(FP4 E2M1 values times per-group scales; no softmax scale), masked by length, page count and an
+optional bottom-right causal limit. Output fp32 ``[Hq, NB, total_q]``, ``NB = ceil(max_seqlen_k/128)``.
+
+Kernel: one program per (request-local tile of ``BLOCK_M`` query tokens, Q head). The program
+dequantises its Q tile once (fp32: e2m1 x scale is exact), then walks the request's KV blocks:
+dequantise the 128-token page of its KV head, two tf32 ``tl.dot`` (even / odd elements) with fp32
+accumulation, mask, row max. Blocks past the request's valid range are written as -inf without
+reading any page.
+"""
+
+import math
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from ._registry import add_op_namespace_prefix
+from ._validate import check_devices, check_tensor, interpreter_active
+from .nvfp4 import _e2m1_code_to_f32, _e4m3_code_to_f32
+
+__all__ = ["fp4_indexer_block_scores", "flash_decode_with_topk_idx", "naive_flash_decode_with_topk_idx"]
+
+_E8M0 = getattr(torch, "float8_e8m0fnu", None)
+_FP4X2 = getattr(torch, "float4_e2m1fn_x2", None)
+_PACKED_DTYPES = tuple(d for d in (torch.uint8, torch.int8, _FP4X2) if d is not None)
+_FLOAT_SCALE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+FMT_NVFP4, FMT_MXFP4 = 0, 1
+SK_E4M3, SK_E8M0, SK_FLOAT = 0, 1, 2
+
+
+@triton.jit
+def _decode_scale(raw, SCALE_KIND: tl.constexpr):
+    if SCALE_KIND == 0:
+        return _e4m3_code_to_f32(raw.to(tl.int32) & 0xFF)
+    elif SCALE_KIND == 1:
+        e = raw.to(tl.int32) & 0xFF
+        bits = tl.where(e == 0, 0x00400000, e << 23)
+        v = bits.to(tl.float32, bitcast=True)
+        return tl.where(e == 255, float("nan"), v)
+    else:
+        return raw.to(tl.float32)
+
+
+@triton.jit
+def _fp4_indexer_kernel(
+    q_ptr, k_ptr, qs_ptr, ks_ptr, cu_q_ptr, cu_k_ptr, cu_p_ptr, kvi_ptr, qo_ptr, out_ptr,
+    sq0, sq1, sq2, sk0, sk1, sk2, sk3,
+    qss0, qss1, qss2, kss0, kss1, kss2, kss3,
+    total_q, total_pages, n_kvi, Hkv, G, NB, n_mtiles, q_l_stride, q_rg,
+    GS: tl.constexpr, SCALE_KIND: tl.constexpr, PREORDERED: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_QO: tl.constexpr, BLOCK_M: tl.constexpr, USE_TF32: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    h = tl.program_id(1)
+    b = pid // n_mtiles
+    mt = pid % n_mtiles
+    q_start = tl.load(cu_q_ptr + b)
+    Lq = tl.load(cu_q_ptr + b + 1) - q_start
+    if mt * BLOCK_M < Lq:
+        g = h // G
+        Lk = tl.load(cu_k_ptr + b + 1) - tl.load(cu_k_ptr + b)
+        p_start = tl.load(cu_p_ptr + b)
+        n_pages = tl.load(cu_p_ptr + b + 1) - p_start
+        nb = tl.minimum(tl.minimum((Lk + 127) // 128, n_pages), NB)
+        nb = tl.maximum(nb, 0)
+        if HAS_QO:
+            off = tl.load(qo_ptr + b)
+        else:
+            off = Lk - Lq
+
+        ii = mt * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_ok = ii < Lq
+        t = q_start + ii
+        row_ok = row_ok & (t < total_q)
+        t64 = t.to(tl.int64)
+        kb = tl.arange(0, 64)  # packed byte index: elements 2kb (lo) and 2kb+1 (hi)
+        grp = (2 * kb) // GS   # scale group of both elements of byte kb
+        qm = row_ok[:, None]
+        qbytes = tl.load(q_ptr + t64[:, None] * sq0 + h * sq1 + kb[None, :] * sq2, mask=qm, other=0)
+        qbytes = qbytes.to(tl.int32) & 0xFF
+        if PREORDERED:
+            tq = t64[:, None]
+            qsoff = (h * q_l_stride + (tq // 128) * (512 * q_rg) + (grp[None, :] // 4) * 512
+                     + (tq % 32) * 16 + ((tq % 128) // 32) * 4 + grp[None, :] % 4)
+        else:
+            qsoff = t64[:, None] * qss0 + h * qss1 + grp[None, :] * qss2
+        qsc = _decode_scale(tl.load(qs_ptr + qsoff, mask=qm, other=0), SCALE_KIND)
+        q_lo = _e2m1_code_to_f32(qbytes & 15) * qsc
+        q_hi = _e2m1_code_to_f32(qbytes >> 4) * qsc
+
+        i_last = tl.minimum(mt * BLOCK_M + BLOCK_M, Lq) - 1
+        nb_c = nb
+        if CAUSAL:
+            nb_c = tl.minimum(nb, tl.maximum((i_last + off + 128) // 128, 0))
+        ss = tl.arange(0, 128)
+        out_row = out_ptr + h.to(tl.int64) * NB * total_q + t64
+        for j in range(0, nb_c):
+            pidx = p_start + j
+            page = tl.load(kvi_ptr + pidx, mask=(pidx >= 0) & (pidx < n_kvi), other=-1).to(tl.int64)
+            page_ok = (page >= 0) & (page < total_pages)
+            page_c = tl.where(page_ok, page, 0)
+            kbase = k_ptr + page_c * sk0 + g * sk1
+            kbytes = tl.load(kbase + ss[:, None] * sk2 + kb[None, :] * sk3, mask=page_ok, other=0)
+            kbytes = kbytes.to(tl.int32) & 0xFF
+            if PREORDERED:
+                l_k = page_c * Hkv + g
+                ksoff = (l_k * (512 * (((128 // GS) + 3) // 4))
+                         + (grp[None, :] // 4) * 512 + (ss[:, None] % 32) * 16 + (ss[:, None] // 32) * 4
+                         + grp[None, :] % 4)
+            else:
+                ksoff = page_c * kss0 + g * kss1 + ss[:, None] * kss2 + grp[None, :] * kss3
+            ksc = _decode_scale(tl.load(ks_ptr + ksoff, mask=page_ok, other=0), SCALE_KIND)
+            k_lo = _e2m1_code_to_f32(kbytes & 15) * ksc
+            k_hi = _e2m1_code_to_f32(kbytes >> 4) * ksc
+            if USE_TF32:
+                s = tl.dot(q_lo, tl.trans(k_lo), input_precision="tf32")
+                s = tl.dot(q_hi, tl.trans(k_hi), s, input_precision="tf32")
+            else:
+                s = tl.dot(q_lo, tl.trans(k_lo), input_precision="ieee")
+                s = tl.dot(q_hi, tl.trans(k_hi), s, input_precision="ieee")
+            x = j * 128 + ss
+            vis = (x[None, :] < Lk) & page_ok
+            if CAUSAL:
+                vis = vis & (x[None, :] <= (ii[:, None] + off))
+            s = tl.where(vis, s, float("-inf"))
+            m = tl.max(s, axis=1)
+            tl.store(out_row + j * total_q, m, mask=row_ok)
+        neg = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        for j in range(nb_c, NB):
+            tl.store(out_row + j * total_q, neg, mask=row_ok)
+
+
+@torch.library.custom_op(add_op_namespace_prefix("fp4_indexer_block_scores"), mutates_args=())
+def _fp4_indexer_op(q: torch.Tensor, k: torch.Tensor, q_scale: torch.Tensor, k_scale: torch.Tensor,
+                    cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, cu_page_offsets: torch.Tensor,
+                    kv_indices: torch.Tensor, qo_offset: Optional[torch.Tensor], max_seqlen_q: int,
+                    max_seqlen_k: int, fmt: int, scale_kind: int, preordered: bool, causal: bool) -> torch.Tensor:
+    """q uint8 [total_q, Hq, 64], k uint8 [P, Hkv, 128, 64] -> fp32 scores [Hq, NB, total_q]."""
+    total_q, Hq = int(q.shape[0]), int(q.shape[1])
+    P, Hkv = int(k.shape[0]), int(k.shape[1])
+    NB = (max_seqlen_k + 127) // 128
+    B = int(cu_seqlens_q.shape[0]) - 1
+    out = torch.empty(Hq, NB, total_q, dtype=torch.float32, device=q.device)
+    if NB == 0 or total_q == 0 or Hq == 0:
+        return out
+    if B <= 0 or max_seqlen_q <= 0:
+        return out.fill_(float("-inf"))
+    G = Hq // Hkv
+    GS = 16 if fmt == FMT_NVFP4 else 32
+    Gs = 128 // GS
+    if q.device.type == "cpu" and scale_kind == SK_FLOAT and q_scale.dtype == torch.bfloat16:
+        q_scale, k_scale = q_scale.float(), k_scale.float()
+    if q.device.type == "cpu" and scale_kind == SK_FLOAT and k_scale.dtype == torch.bfloat16:
+        k_scale = k_scale.float()
+    rg = (Gs + 3) // 4
+    rmq = (total_q + 127) // 128
+    if preordered:
+        qss = (0, 0, 0)
+        kss = (0, 0, 0, 0)
+    else:
+        qss = tuple(int(s) for s in q_scale.stride())
+        kss = tuple(int(s) for s in k_scale.stride())
+    BLOCK_M = 16 if (interpreter_active() or max_seqlen_q <= 16) else (32 if max_seqlen_q <= 32 else 64)
+    n_mtiles = triton.cdiv(max_seqlen_q, BLOCK_M)
+    grid = (B * n_mtiles, Hq)
+    qo = qo_offset if qo_offset is not None else cu_seqlens_q
+    _fp4_indexer_kernel[grid](
+        q, k, q_scale, k_scale, cu_seqlens_q, cu_seqlens_k, cu_page_offsets, kv_indices, qo, out,
+        *q.stride(), *k.stride(), *qss, *kss,
+        total_q, P, int(kv_indices.shape[0]), Hkv, G, NB, n_mtiles, 512 * rmq * rg, rg,
+        GS=GS, SCALE_KIND=scale_kind, PREORDERED=preordered, CAUSAL=causal, HAS_QO=qo_offset is not None,
+        BLOCK_M=BLOCK_M, USE_TF32=q.device.type == "cuda",
+    )
+    return out
+
+
+@_fp4_indexer_op.register_fake
+def _(q, k, q_scale, k_scale, cu_seqlens_q, cu_seqlens_k, cu_page_offsets, kv_indices, qo_offset, max_seqlen_q,
+      max_seqlen_k, fmt, scale_kind, preordered, causal):
+    NB = (max_seqlen_k + 127) // 128
+    return q.new_empty((q.shape[1], NB, q.shape[0]), dtype=torch.float32)
+
+
+def _as_u8(t):
+    return t if t.dtype == torch.uint8 else t.view(torch.uint8)
+
+
+def _check_host_int(name, v):
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise TypeError(f"{name} must be a host int, got {type(v).__name__}")
+    if v < 0:
+        raise ValueError(f"{name} must be >= 0, got {v}")
+
+
+def fp4_indexer_block_scores(q_fp4, k_fp4, q_scale, k_scale, cu_seqlens_q, cu_seqlens_k, cu_page_offsets, *,
+                             max_seqlen_q, max_seqlen_k, kv_indices, fp4_format, causal=False, qo_offset=None,
+                             scale_layout="preordered_mma") -> torch.Tensor:
+    """FP4 block-max indexer scores (API.md §5.14).
+
+    q_fp4 ``[total_q, Hq, 64]`` and k_fp4 ``[total_pages, Hkv, 128, 64]``: packed E2M1 (uint8/int8/
+    float4_e2m1fn_x2). ``fp4_format``: "nvfp4" (16-groups, e4m3 scales; alias "e2m1") or "mxfp4"
+    (32-groups, e8m0 scales). ``scale_layout``: "public" (``q_scale [total_q, Hq, G_s]``,
+    ``k_scale [total_pages, Hkv, 128, G_s]``) or "preordered_mma" (storage
+    ``(L, ceil(mn/128), ceil(G_s/4), 32, 4, 4)`` contiguous). ``cu_seqlens_q/k``, ``cu_page_offsets``:
+    int32 ``[B+1]``; ``kv_indices``: int32 flattened page table. Returns fp32 ``[Hq, NB, total_q]``,
+    ``NB = ceil(max_seqlen_k / 128)``; masked / missing blocks are -inf.
+    """
+    check_tensor("q_fp4", q_fp4, dtypes=_PACKED_DTYPES)
+    check_tensor("k_fp4", k_fp4, dtypes=_PACKED_DTYPES)
+    if q_fp4.dim() != 3 or q_fp4.shape[-1] != 64:
+        raise ValueError(f"q_fp4 must be [total_q, Hq, 64], got {tuple(q_fp4.shape)}")
+    if k_fp4.dim() != 4 or k_fp4.shape[-1] != 64 or k_fp4.shape[2] != 128:
+        raise ValueError(f"k_fp4 must be [total_pages, Hkv, 128, 64], got {tuple(k_fp4.shape)}")
+    total_q, Hq = int(q_fp4.shape[0]), int(q_fp4.shape[1])
+    P, Hkv = int(k_fp4.shape[0]), int(k_fp4.shape[1])
+    if Hkv <= 0 or Hq % Hkv != 0:
+        raise ValueError(f"Hq ({Hq}) must be a multiple of Hkv ({Hkv})")
+    if not isinstance(fp4_format, str) or fp4_format.lower() not in ("nvfp4", "mxfp4", "e2m1"):
+        raise ValueError(f"format must be one of ['mxfp4', 'nvfp4'] (or the alias 'e2m1'), got {fp4_format!r}")
+    fmt = FMT_MXFP4 if fp4_format.lower() == "mxfp4" else FMT_NVFP4
+    Gs = 4 if fmt == FMT_MXFP4 else 8
+    f8 = _E8M0 if fmt == FMT_MXFP4 else torch.float8_e4m3fn
+    if scale_layout not in ("public", "preordered_mma"):
+        raise ValueError(f"scale_layout must be 'public' or 'preordered_mma', got {scale_layout!r}")
+    check_tensor("q_scale", q_scale)
+    check_tensor("k_scale", k_scale)
+    if scale_layout == "public":
+        if tuple(q_scale.shape) != (total_q, Hq, Gs):
+            raise ValueError(f"q_scale must have shape {(total_q, Hq, Gs)}, got {tuple(q_scale.shape)}")
+        if tuple(k_scale.shape) != (P, Hkv, 128, Gs):
+            raise ValueError(f"k_scale must have shape {(P, Hkv, 128, Gs)}, got {tuple(k_scale.shape)}")
+        allowed = tuple(d for d in (f8,) + _FLOAT_SCALE_DTYPES if d is not None)
+        for name, s in (("q_scale", q_scale), ("k_scale", k_scale)):
+            if s.dtype not in allowed:
+                raise TypeError(f"{name} must have dtype {f8} (or decoded fp32/bf16/fp16), got {s.dtype}")
+        if q_scale.dtype != k_scale.dtype:
+            raise TypeError(f"q_scale and k_scale must have the same dtype, got {q_scale.dtype} and {k_scale.dtype}")
+        if q_scale.dtype in _FLOAT_SCALE_DTYPES:
+            scale_kind = SK_FLOAT
+        else:
+            scale_kind = SK_E8M0 if fmt == FMT_MXFP4 else SK_E4M3
+            q_scale, k_scale = _as_u8(q_scale), _as_u8(k_scale)
+        preordered = False
+    else:
+        rg = (Gs + 3) // 4
+        for name, s, L, mn in (("q_scale", q_scale, Hq, total_q), ("k_scale", k_scale, P * Hkv, 128)):
+            rm = (mn + 127) // 128
+            want = (L, rm, rg, 32, 4, 4)
+            if tuple(s.shape) != want:
+                raise ValueError(f"{name} (preordered_mma) must have storage shape {want}, got {tuple(s.shape)}")
+            want_st = (512 * rm * rg, 512 * rg, 512, 16, 4, 1)
+            if s.numel() > 0 and any(int(a) != b for a, b, n in zip(s.stride(), want_st, s.shape) if n > 1):
+                raise ValueError(f"{name} (preordered_mma) must have strides {want_st}, got {tuple(s.stride())}")
+            if s.dtype not in (f8, torch.uint8):
+                raise TypeError(f"{name} (preordered_mma) must have dtype {f8}, got {s.dtype}")
+        scale_kind = SK_E8M0 if fmt == FMT_MXFP4 else SK_E4M3
+        q_scale, k_scale = _as_u8(q_scale), _as_u8(k_scale)
+        preordered = True
+    cus = (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k), ("cu_page_offsets", cu_page_offsets))
+    for name, c in cus:
+        check_tensor(name, c, dtypes=(torch.int32,))
+        if c.dim() != 1:
+            raise ValueError(f"{name} must be 1-D, got shape {tuple(c.shape)}")
+    if not (cu_seqlens_q.shape == cu_seqlens_k.shape == cu_page_offsets.shape) or cu_seqlens_q.shape[0] < 1:
+        raise ValueError("cu_seqlens_q, cu_seqlens_k and cu_page_offsets must have the same shape [B+1]")
+    B = int(cu_seqlens_q.shape[0]) - 1
+    if not isinstance(kv_indices, torch.Tensor) or kv_indices.dtype != torch.int32 or kv_indices.dim() != 1:
+        raise ValueError("kv_indices must be an int32 1-D tensor (the flattened page table)")
+    if qo_offset is not None:
+        if not causal:
+            raise ValueError("qo_offset is only valid when causal=True")
+        if not isinstance(qo_offset, torch.Tensor) or qo_offset.dtype != torch.int32 or tuple(qo_offset.shape) != (B,):
+            raise ValueError(f"qo_offset must be an int32 tensor of shape [{B}]")
+    _check_host_int("max_seqlen_q", max_seqlen_q)
+    _check_host_int("max_seqlen_k", max_seqlen_k)
+    check_devices([("q_fp4", q_fp4), ("k_fp4", k_fp4), ("q_scale", q_scale), ("k_scale", k_scale),
+                   ("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k),
+                   ("cu_page_offsets", cu_page_offsets), ("kv_indices", kv_indices), ("qo_offset", qo_offset)])
+    return _fp4_indexer_op(_as_u8(q_fp4), _as_u8(k_fp4), q_scale, k_scale, cu_seqlens_q, cu_seqlens_k,
+                           cu_page_offsets, kv_indices, qo_offset, int(max_seqlen_q), int(max_seqlen_k), fmt,
+                           scale_kind, preordered, bool(causal))
+
+
+# ----------------------------------------------------------------------------------------------
+# Decode indexer (API.md §6.1, §6.5, §11.2)
+# ----------------------------------------------------------------------------------------------
+
+_IDX_INT = (torch.int32, torch.int64)
+
+
+@triton.jit
+def _decode_block_scores_kernel(q_ptr, k_ptr, r2t_ptr, seq_ptr, slot_ptr, out_ptr,
+                                sqb, sqh, sqd, skt, skh, skd, srr, src,
+                                width, max_slots, G, B, NB, sm_scale,
+                                D: tl.constexpr, BS: tl.constexpr, BT: tl.constexpr, LSE: tl.constexpr):
+    """scores[h, b, j] = max (or logsumexp) of sm_scale*<q[b,h], k[slot(b,x), h//G]> over block j (fp32)."""
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    g = h // G
+    L = tl.load(seq_ptr + b).to(tl.int64)
+    L = tl.minimum(tl.maximum(L, 0), width)
+    row = tl.load(slot_ptr + b).to(tl.int64)
+    nb = tl.minimum((L + BS - 1) // BS, NB)
+    dd = tl.arange(0, D)
+    q = tl.load(q_ptr + b.to(tl.int64) * sqb + h * sqh + dd * sqd).to(tl.float32)
+    tt = tl.arange(0, BT)
+    out_row = out_ptr + (h.to(tl.int64) * B + b) * NB
+    for j in range(0, nb):
+        m = tl.full([BT], float("-inf"), tl.float32)
+        acc = tl.zeros([BT], tl.float32)
+        for c in range(0, BS // BT):
+            x = j * BS + c * BT + tt
+            ok = x < L
+            tok = tl.load(r2t_ptr + row * srr + x * src, mask=ok, other=0).to(tl.int64)
+            tok = ((tok % max_slots) + max_slots) % max_slots
+            kk = tl.load(k_ptr + tok[:, None] * skt + g * skh + dd[None, :] * skd, mask=ok[:, None], other=0.0)
+            z = tl.sum(kk.to(tl.float32) * q[None, :], axis=1) * sm_scale
+            z = tl.where(ok, z, float("-inf"))
+            z = tl.where(z != z, float("-inf"), z)
+            if LSE:
+                m_new = tl.maximum(m, z)
+                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+                acc = acc * tl.exp(m - m_safe) + tl.exp(z - m_safe)
+                m = m_new
+            else:
+                m = tl.maximum(m, z)
+        if LSE:
+            mx = tl.max(m, axis=0)
+            mx_safe = tl.where(mx == float("-inf"), 0.0, mx)
+            m_safe = tl.where(m == float("-inf"), 0.0, m)
+            tot = tl.sum(acc * tl.exp(m_safe - mx_safe), axis=0)
+            s = tl.where(mx == float("-inf"), float("-inf"), mx + tl.log(tot))
+        else:
+            s = tl.max(m, axis=0)
+        tl.store(out_row + j, s)
+    for j in range(nb, NB):
+        tl.store(out_row + j, float("-inf"))
+
+
+@torch.library.custom_op(add_op_namespace_prefix("decode_block_scores"), mutates_args=())
+def _decode_block_scores_op(q: torch.Tensor, k_cache: torch.Tensor, req_to_token: torch.Tensor,
+                            seq_lens: torch.Tensor, slot_ids: torch.Tensor, NB: int, block_size: int,
+                            sm_scale: float, lse: bool) -> torch.Tensor:
+    """q [B, Hq, D], k_cache [max_slots, Hkv, D] -> fp32 block scores [Hq, B, NB]."""
+    B, Hq, D = (int(s) for s in q.shape)
+    out = torch.empty(Hq, B, NB, dtype=torch.float32, device=q.device)
+    if B == 0 or NB == 0 or Hq == 0:
+        return out
+    Hkv = int(k_cache.shape[1])
+    if q.device.type == "cpu" and q.dtype == torch.bfloat16:
+        q = q.float()
+    kc = k_cache
+    if kc.device.type == "cpu" and kc.dtype == torch.bfloat16:
+        kc = kc.float()
+    BT = min(block_size, 64 if D <= 128 else 32)
+    _decode_block_scores_kernel[(B, Hq)](
+        q, kc, req_to_token, seq_lens, slot_ids, out, *q.stride(), *kc.stride(), *req_to_token.stride(),
+        int(req_to_token.shape[1]), int(kc.shape[0]), Hq // Hkv, B, NB, float(sm_scale),
+        D=D, BS=block_size, BT=BT, LSE=lse)
+    return out
+
+
+@_decode_block_scores_op.register_fake
+def _(q, k_cache, req_to_token, seq_lens, slot_ids, NB, block_size, sm_scale, lse):
+    return q.new_empty((q.shape[1], q.shape[0], NB), dtype=torch.float32)
+
+
+def _select_blocks_torch(scores, L, block_size, topk, init_blocks, local_blocks):
+    """Exact §11.2 ordering on device (no host sync): init asc, local asc, rest by score desc / id asc."""
+    H, B, NB = scores.shape
+    dev = scores.device
+    j = torch.arange(NB, device=dev).view(1, NB)
+    nb = torch.clamp((L.to(torch.int64) + block_size - 1) // block_size, max=NB).view(B, 1)
+    in_range = j < nb
+    local = in_range & (j >= nb - local_blocks)
+    init = in_range & (j < init_blocks) & ~local
+    sc = torch.where(torch.isnan(scores), torch.full_like(scores, float("-inf")), scores)
+    cand = in_range.unsqueeze(0) & (sc > float("-inf"))
+    cls = torch.full((H, B, NB), 3, dtype=torch.int64, device=dev)
+    cls = torch.where(cand, torch.full_like(cls, 2), cls)
+    cls = torch.where(local.unsqueeze(0), torch.ones_like(cls), cls)
+    cls = torch.where(init.unsqueeze(0), torch.zeros_like(cls), cls)
+    sec = torch.where(cls < 2, torch.full_like(sc, float("-inf")), -sc)
+    o1 = torch.sort(sec, dim=-1, stable=True).indices
+    o2 = torch.sort(torch.gather(cls, -1, o1), dim=-1, stable=True).indices
+    order = torch.gather(o1, -1, o2)
+    cls_sorted = torch.gather(cls, -1, order)
+    idx = torch.where(cls_sorted < 3, order, torch.full_like(order, -1)).to(torch.int32)
+    if NB >= topk:
+        return idx[..., :topk].contiguous()
+    pad = torch.full((H, B, topk - NB), -1, dtype=torch.int32, device=dev)
+    return torch.cat([idx, pad], dim=-1)
+
+
+def _validate_decode_indexer(q, sink, k_cache, v_cache, req_to_token, seq_lens, slot_ids, block_size, topk,
+                             init_blocks, local_blocks, score_type, disable_index_value):
+    from ._validate import check_head_dim
+    if score_type not in ("max", "lse"):
+        raise ValueError(f"score_type must be 'max' or 'lse', got {score_type!r}")
+    check_tensor("q", q, ndim=3, dtypes=(torch.bfloat16, torch.float16))
+    check_tensor("k_cache", k_cache, ndim=3, dtypes=(torch.bfloat16, torch.float16, torch.float8_e4m3fn))
+    if not (k_cache.dtype == q.dtype or (k_cache.dtype == torch.float8_e4m3fn and q.dtype == torch.bfloat16)):
+        raise TypeError(f"k_cache dtype {k_cache.dtype} is not allowed with q dtype {q.dtype}")
+    B, Hq, D = q.shape
+    check_head_dim("q", int(D), (64, 128, 256))
+    if k_cache.shape[2] != D:
+        raise ValueError(f"k_cache head dim ({k_cache.shape[2]}) must equal q's ({D})")
+    Hkv = int(k_cache.shape[1])
+    if Hkv <= 0 or Hq % Hkv != 0:
+        raise ValueError(f"q heads ({Hq}) must be a multiple of k_cache heads ({Hkv})")
+    if v_cache is None:
+        if not disable_index_value:
+            raise ValueError("v_cache is required unless disable_index_value=True")
+    else:
+        check_tensor("v_cache", v_cache)
+        if v_cache.dtype != k_cache.dtype:
+            raise TypeError(f"v_cache dtype {v_cache.dtype} must equal k_cache dtype {k_cache.dtype}")
+        if tuple(v_cache.shape) != tuple(k_cache.shape):
+            raise ValueError(f"v_cache shape {tuple(v_cache.shape)} must equal k_cache shape {tuple(k_cache.shape)}")
+    if sink is not None:
+        check_tensor("sink", sink, ndim=2, dtypes=(torch.float32, torch.bfloat16, torch.float16))
+        if tuple(sink.shape) != (Hq, D):
+            raise ValueError(f"sink must have shape {(Hq, D)}, got {tuple(sink.shape)}")
+    check_tensor("req_to_token", req_to_token, ndim=2, dtypes=_IDX_INT)
+    check_tensor("seq_lens", seq_lens, ndim=1, dtypes=_IDX_INT)
+    check_tensor("slot_ids", slot_ids, ndim=1, dtypes=_IDX_INT)
+    if seq_lens.shape[0] != B or slot_ids.shape[0] != B:
+        raise ValueError(f"seq_lens and slot_ids must have length B={B}")
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or not (16 <= block_size <= 512) \
+            or block_size & (block_size - 1):
+        raise ValueError(f"block_size must be a power of two in [16, 512], got {block_size!r}")
+    if isinstance(topk, bool) or not isinstance(topk, int) or not 1 <= topk <= 64:
+        raise ValueError(f"topk must be in [1, 64], got {topk!r}")
+    for name, v in (("init_blocks", init_blocks), ("local_blocks", local_blocks)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise ValueError(f"{name} must be an int >= 0, got {v!r}")
+    check_devices([("q", q), ("sink", sink), ("k_cache", k_cache), ("v_cache", v_cache),
+                   ("req_to_token", req_to_token), ("seq_lens", seq_lens), ("slot_ids", slot_ids)])
+
+
+def flash_decode_with_topk_idx(q, sink, k_cache, v_cache, req_to_token, seq_lens, max_seqlen, slot_ids,
+                               block_size, topk, init_blocks, local_blocks, sm_scale=None, use_tma=True,
+                               score_type="max", disable_index_value=False, use_dense_main_attn=False, page_size=1):
+    """Decode indexer (API.md §6.1): block scores, forced init/local blocks, top-k block ids.
+
+    q [B, Hq, D]; k_cache/v_cache [max_slots, Hkv, D]; req_to_token [max_reqs, width]; seq_lens, slot_ids [B].
+    Returns ``(o [B, Hq, D] or None, topk_idx int32 [Hq, B, topk], None)``; ``o`` is the dense attention
+    over all ``x < L_b`` (with ``sink``) unless ``disable_index_value``.
+    """
+    from .errors import MsaUnsupportedError
+    if use_dense_main_attn:
+        raise MsaUnsupportedError("use_dense_main_attn=True is not supported")
+    _validate_decode_indexer(q, sink, k_cache, v_cache, req_to_token, seq_lens, slot_ids, block_size, topk,
+                             init_blocks, local_blocks, score_type, disable_index_value)
+    if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int):
+        raise ValueError(f"max_seqlen must be a host int, got {type(max_seqlen).__name__}")
+    D = int(q.shape[2])
+    scale = float(D) ** -0.5 if sm_scale is None else float(sm_scale)
+    width = int(req_to_token.shape[1])
+    NB = (max(0, min(max_seqlen, width)) + block_size - 1) // block_size
+    scores = _decode_block_scores_op(q, k_cache, req_to_token, seq_lens, slot_ids, NB, block_size, scale,
+                                     score_type == "lse")
+    L = seq_lens.clamp(0, width)
+    if init_blocks == 0:
+        from .topk import native_topk_from_scores
+        topk_idx = native_topk_from_scores(scores, L.to(torch.int32), block_size, topk,
+                                           force_local_blocks=local_blocks)
+    else:
+        topk_idx = _select_blocks_torch(scores, L, block_size, topk, init_blocks, local_blocks)
+    o = None
+    if not disable_index_value:
+        B, Hq, _ = q.shape
+        Hkv = int(k_cache.shape[1])
+        if NB == 0:
+            o = torch.zeros_like(q)
+        else:
+            from .decode import flash_decode_with_gqa_share_sparse
+            all_blocks = torch.arange(NB, device=q.device, dtype=torch.int32).view(1, 1, NB).expand(Hkv, B, NB)
+            o = flash_decode_with_gqa_share_sparse(q, sink, k_cache, v_cache, req_to_token, seq_lens, slot_ids,
+                                                   block_size, all_blocks.contiguous(), sm_scale=scale)
+    return o, topk_idx, None
+
+
+def naive_flash_decode_with_topk_idx(q, sink, kv_cache, seq_lens, max_seqlen, slot_ids, block_size, topk,
+                                     sm_scale=None, init_blocks=0, local_blocks=0):
+    """Float64 reference of §6.5 over the 5-D cache ``kv_cache [max_slots, 2, max_len, Hkv, D]``.
+
+    Returns ``(o [B, Hq, D] in q's dtype, topk_idx int32 [Hq, B, topk])``. May synchronise (reference).
+    """
+    if kv_cache.dim() != 5 or kv_cache.shape[1] != 2:
+        raise ValueError(f"kv_cache must be [max_slots, 2, max_len, Hkv, D], got {tuple(kv_cache.shape)}")
+    max_len = int(kv_cache.shape[2])
+    if max_len % block_size != 0:
+        raise ValueError(f"kv_cache.shape[2] ({max_len}) must be a multiple of block_size ({block_size})")
+    B, Hq, D = q.shape
+    Hkv = int(kv_cache.shape[3])
+    G = Hq // Hkv
+    scale = float(D) ** -0.5 if sm_scale is None else float(sm_scale)
+    o = torch.zeros(B, Hq, D, dtype=torch.float64)
+    idx = torch.full((Hq, B, topk), -1, dtype=torch.int32)
+    lens = seq_lens.cpu().tolist()
+    slots = slot_ids.cpu().tolist()
+    for b in range(B):
+        L = max(0, min(int(lens[b]), max_len))
+        nb = -(-L // block_size)
+        kv = kv_cache[slots[b]].double().cpu()
+        local = list(range(max(0, nb - local_blocks), nb))
+        init = [j for j in range(min(init_blocks, nb)) if j not in local]
+        for h in range(Hq):
+            qh = q[b, h].double().cpu()
+            z = kv[0, :L, h // G] @ qh * scale
+            sc = [float(z[j * block_size:(j + 1) * block_size].max()) for j in range(nb)]
+            rest = [j for j in range(nb) if j not in local and j not in init and not math.isnan(sc[j])
+                    and sc[j] > -math.inf]
+            rest.sort(key=lambda j: (-sc[j], j))
+            order = (init + local + rest)[:topk]
+            idx[h, b, :len(order)] = torch.tensor(order, dtype=torch.int32)
+            if L > 0:
+                logits = z
+                m = logits.max()
+                if sink is not None:
+                    m = torch.maximum(m, sink[h].double().cpu() @ qh * scale)
+                p = torch.exp(logits - m)
+                den = p.sum()
+                if sink is not None:
+                    den = den + torch.exp(sink[h].double().cpu() @ qh * scale - m)
+                o[b, h] = (p @ kv[1, :L, h // G]) / den
+    return o.to(q.dtype).to(q.device), idx.to(q.device)
