@@ -28,10 +28,21 @@ from .nvfp4 import (
     swizzle_nvfp4_scale_to_128x4,
 )
 from .indexer import fp4_indexer_block_scores, flash_decode_with_topk_idx, naive_flash_decode_with_topk_idx
+from .nvfp4_attention import sparse_atten_nvfp4_kv_func
+from .status import (
+    OFFICIAL_API_STATUS,
+    OFFICIAL_MINIMAX_MSA_FUNCTIONS,
+    V1_AVAILABLE_FUNCTIONS,
+    available_functions,
+    official_api_status,
+    official_minimax_msa_functions,
+    unsupported_official_functions,
+)
 
 __all__ = [
     # official MiniMaxAI/msa names
     "sparse_atten_func",
+    "sparse_atten_nvfp4_kv_func",
     "sparse_decode_atten_func",
     "SparseDecodePagedAttentionWrapper",
     "build_k2q_csr",
@@ -53,6 +64,13 @@ __all__ = [
     "naive_flash_decode_with_gqa_share_sparse",
     "get_cu_seqblocks",
     "robust_allocator",
-    # errors
+    # errors and API status
     "MsaUnsupportedError",
+    "OFFICIAL_API_STATUS",
+    "OFFICIAL_MINIMAX_MSA_FUNCTIONS",
+    "V1_AVAILABLE_FUNCTIONS",
+    "available_functions",
+    "official_api_status",
+    "official_minimax_msa_functions",
+    "unsupported_official_functions",
 ]
