@@ -15,6 +15,7 @@ of the selected blocks plus q and o; ``%copy`` relates it to the measured copy b
 """
 
 import importlib
+import os
 
 import torch
 import torch.nn.functional as F
@@ -83,6 +84,7 @@ def run(msa, timing):
              "%copy": 100 * nbytes / (us * 1e-6) / copy_bw}
         r.update(extra)
         rows.append(r)
+        print("row", kind, b, ctx, f"{us:.2f} us", extra, flush=True)
         return r
 
     batches = (1, 8, 64) if quick else (1, 8, 64, 256)
@@ -97,14 +99,15 @@ def run(msa, timing):
                                                     max_seqlen_k=ctx)
 
             us_g = timing.bench_graph(official, sets)
-            us_e = timing.bench_events(official, sets)
+            us_e = None if quick else timing.bench_events(official, sets)
             p = dk.make_plan(dev, B=b, Hkv=HKV, G=HQ // HKV, SQ=1, D=D, BS=BS, topk=TOPK, hint_blocks=0)
             row("official HND", b, ctx, us_g, us_e, splits=p.num_splits)
-            if ctx == 32768:
+            if ctx == 32768 and not quick:
                 def official_view(q, pt, sk, idx):
                     return official(q, pt, sk, idx, k=k_view, v=v_view)
 
                 row("official NHD-view", b, ctx, timing.bench_graph(official_view, sets), splits=p.num_splits)
+            if ctx == 32768:
                 wsets = []
                 for (q, pt, sk, idx) in sets:
                     w = msa.SparseDecodePagedAttentionWrapper().plan(
@@ -112,7 +115,8 @@ def run(msa, timing):
                         num_qo_heads=HQ, num_kv_heads=HKV, head_dim=D)
                     wsets.append((w, q, torch.empty_like(q)))
                 row("wrapper", b, ctx, timing.bench_graph(lambda w, q, o: w.run(q, k_hnd, v_hnd, out=o), wsets),
-                    timing.bench_events(lambda w, q, o: w.run(q, k_hnd, v_hnd, out=o), wsets), splits=p.num_splits)
+                    None if quick else timing.bench_events(lambda w, q, o: w.run(q, k_hnd, v_hnd, out=o), wsets),
+                    splits=p.num_splits)
                 dsets = []
                 for (q, pt, sk, idx) in sets:
                     x = torch.arange(pt.shape[1] * BS, device=dev)
@@ -122,7 +126,7 @@ def run(msa, timing):
                     lambda q, r2t, sk, sid, idx: msa.flash_decode_with_gqa_share_sparse(
                         q, None, kc, vc, r2t, sk, sid, BS, idx), dsets), splits=p.num_splits)
                 del dsets, wsets
-                if b <= 64:
+                if b <= 64 and not quick:
                     row("torch gather+SDPA", b, ctx, timing.bench_graph(
                         lambda q, pt, sk, idx: _torch_naive(q, k_hnd, v_hnd, pt, sk, idx), sets))
             del sets
@@ -146,31 +150,56 @@ def run(msa, timing):
                        title="FP8 KV vs bf16 KV (target fp8/bf16 <= 0.6)")
     del k8, v8, sets
 
-    # split-policy sweep (B = 1, 8; 32K): which num_splits wins on this card
+    # split-policy / tile sweep (32K): which configuration wins on this card. Rows are printed as
+    # they are measured. MSA_DECODE_SWEEP=wide adds tile-size / pipelining variants and B = 64.
     sweep = []
     major = torch.cuda.get_device_properties(dev).major
     key = major if major in dk.DECODE_CONFIGS else 9
     saved = dict(dk.DECODE_CONFIGS[key])
-    variants = [dict(), dict(combine_budget=32 * 1024), dict(combine_budget=64 * 1024),
-                dict(combine_budget=256 * 1024), dict(ctas_per_sm=1), dict(ctas_per_sm=4, combine_budget=256 * 1024),
-                dict(min_tiles_split=2), dict(min_tiles_split=4), dict(num_stages=2), dict(num_warps={128: 8})]
-    for b in (1, 8) if not quick else (1,):
+    wide = os.environ.get("MSA_DECODE_SWEEP", "") == "wide"
+    variants = [dict(), dict(combine_budget=64 * 1024), dict(combine_budget=256 * 1024), dict(min_tiles_split=2),
+                dict(min_tiles_split=4), dict(ctas_per_sm=1)]
+    if wide:
+        variants += [dict(num_stages=2), dict(num_stages=4), dict(num_warps={128: 8}),
+                     dict(block_n={128: 128}, num_stages=2), dict(block_n={128: 128}, num_stages=3),
+                     dict(block_n={128: 128}, num_stages=2, combine_budget=256 * 1024),
+                     dict(block_n={128: 128}, num_stages=2, num_warps={128: 8})]
+    elif not quick:
+        variants += [dict(num_stages=2), dict(num_warps={128: 8}), dict(block_n={128: 128}, num_stages=2)]
+    sweep_b = (1, 8, 64) if wide else ((1, 8) if not quick else (1,))
+    if os.environ.get("MSA_DECODE_SWEEP", "") == "none":
+        sweep_b = ()
+    for b in sweep_b:
         sets = _make_sets(b, 32768, timing.num_sets(_bytes(b, 2)), dev)
         for var in variants:
+            if b == 64 and ("combine_budget" in var):
+                continue
             dk.DECODE_CONFIGS[key] = dict(saved, **var)
             dk.make_plan.cache_clear()
             try:
                 p = dk.make_plan(dev, B=b, Hkv=HKV, G=HQ // HKV, SQ=1, D=D, BS=BS, topk=TOPK, hint_blocks=0)
-                us_g = timing.bench_graph(lambda q, pt, sk, idx: msa.sparse_decode_atten_func(
-                    q, k_hnd, v_hnd, idx, page_table=pt, seqused_k=sk, seqlen_q=1, max_seqlen_k=32768), sets)
-                sweep.append({"B": b, "variant": str(var) or "default", "splits": p.num_splits,
-                              "tiles/split": p.tiles_per_split, "us graph": us_g,
-                              "%copy": 100 * _bytes(b, 2) / (us_g * 1e-6) / copy_bw})
+                fn = lambda q, pt, sk, idx: msa.sparse_decode_atten_func(  # noqa: E731
+                    q, k_hnd, v_hnd, idx, page_table=pt, seqused_k=sk, seqlen_q=1, max_seqlen_k=32768)
+                us_g = timing.bench_graph(fn, sets)
+                r = {"B": b, "variant": str(var) or "default", "splits": p.num_splits,
+                     "tiles/split": p.tiles_per_split, "us graph": us_g,
+                     "%copy": 100 * _bytes(b, 2) / (us_g * 1e-6) / copy_bw}
+                if wide and b == 64:
+                    k8 = k_hnd[:4096].to(torch.float8_e4m3fn)
+                    v8 = v_hnd[:4096].to(torch.float8_e4m3fn)
+                    sets8 = [(q, pt % 4096, sk, idx) for (q, pt, sk, idx) in sets]
+                    r["us fp8"] = timing.bench_graph(lambda q, pt, sk, idx: msa.sparse_decode_atten_func(
+                        q, k8, v8, idx, page_table=pt, seqused_k=sk, seqlen_q=1, max_seqlen_k=32768), sets8)
+                    del k8, v8, sets8
+                sweep.append(r)
+                print("sweep", {k: (round(v, 2) if isinstance(v, float) else v) for k, v in r.items()}, flush=True)
+            except Exception as e:  # a variant that does not compile / fit must not hide the others
+                print("sweep", b, var, "FAILED", type(e).__name__, str(e)[:200], flush=True)
             finally:
                 dk.DECODE_CONFIGS[key] = saved
                 dk.make_plan.cache_clear()
         del sets
-    timing.print_table(sweep, ["B", "variant", "splits", "tiles/split", "us graph", "%copy"],
+    timing.print_table(sweep, ["B", "variant", "splits", "tiles/split", "us graph", "us fp8", "%copy"],
                        title="Split-policy sweep (official API, 32K, graph replay)")
     del kc, vc, k_hnd, v_hnd
     torch.cuda.empty_cache()

@@ -16,6 +16,12 @@ zero by the kernel itself after use. The functional entry points allocate both p
 graph capture (the memset is captured) and across concurrent streams. The wrapper allocates them
 once in ``plan`` (zeroed eagerly there) and reuses them in every ``run``: one launch per run. As a
 consequence, one planned wrapper must not run concurrently on two streams.
+
+FP8 (e4m3) KV is read as fp8 and widened to q's dtype in registers right before each ``tl.dot``; the
+MMA shapes and accumulation order are the same as for bf16 KV, but the two are different Triton
+compilations, so the result is within bf16 tolerance of running on ``k.to(bfloat16)`` (API: MUST)
+and not guaranteed bitwise equal to it (API: SHOULD; a documented deviation, checked by the tests
+with a tolerance and a warning that reports the difference).
 """
 
 from typing import Optional, Tuple

@@ -44,8 +44,8 @@ LAYOUT_TOKEN = 1
 #   max_splits       hard cap on the split count
 #   big_tiles        if every split would still own >= this many tiles, the combine budget may be
 #                    exceeded (long dense contexts), up to max_splits
-#   combine_chunk    splits loaded per step by the combining program ([chunk, BLOCK_M, D] tile),
-#                    further limited so that chunk * BLOCK_M * D <= combine_elems (registers)
+#   chunk_max        tiles whose index work (ids, dedupe, page lookups) is vectorised per chunk; a
+#                    sparse chunk also holds a [chunk, TOK_P2, TK_P2] compare <= chunk_elems
 # ---------------------------------------------------------------------------------------------
 _BASE = dict(
     block_n={64: 64, 128: 64, 256: 32},
@@ -57,11 +57,13 @@ _BASE = dict(
     min_tiles_split=1,
     max_splits=64,
     big_tiles=32,
-    combine_chunk=4,
-    combine_elems=8192,
+    chunk_max=16,
+    chunk_elems=4096,
 )
 DECODE_CONFIGS = {
-    9: dict(_BASE),  # Hopper: 228 KB smem per SM
+    # Hopper: 228 KB smem per SM. One program per (b, g) once that fills the SMs once: at B = 64 (256 units)
+    # S = 1 measured 97.6 us vs 112 us for S = 2 (H100 sweep); B = 1 / 8 unchanged.
+    9: dict(_BASE, ctas_per_sm=1),
     10: dict(_BASE),  # datacenter Blackwell
     12: dict(_BASE, num_stages=2),  # consumer Blackwell: ~99 KB smem per block
     None: dict(_BASE, num_stages=1),  # interpreter / other
@@ -96,7 +98,7 @@ class LaunchPlan:
 
     __slots__ = ("B", "Hkv", "G", "SQ", "D", "BS", "topk", "dense", "BLOCK_M", "BLOCK_N", "MT", "TOK_P2",
                  "TK_P2", "tiles_hint", "tiles_per_split", "num_splits", "units", "num_warps", "num_stages",
-                 "combine_chunk", "grid")
+                 "chunk", "grid")
 
     def __repr__(self):
         return "LaunchPlan(" + ", ".join(f"{k}={getattr(self, k)}" for k in self.__slots__) + ")"
@@ -145,9 +147,11 @@ def make_plan(device, *, B, Hkv, G, SQ, D, BS, topk, hint_blocks, split_override
     p.num_splits = -(-p.tiles_hint // p.tiles_per_split)
     p.num_warps = cfg["num_warps"][D]
     p.num_stages = cfg["num_stages"]
-    # the combining program holds [chunk, BLOCK_M, D] fp32 in registers: keep it <= combine_elems
-    chunk = max(1, cfg["combine_elems"] // (p.BLOCK_M * D))
-    p.combine_chunk = min(_next_pow2(p.num_splits), cfg["combine_chunk"], 1 << (chunk.bit_length() - 1))
+    chunk = min(_next_pow2(p.tiles_per_split), cfg["chunk_max"])
+    if not p.dense:
+        lim = max(1, cfg["chunk_elems"] // (p.TOK_P2 * p.TK_P2))
+        chunk = min(chunk, 1 << (lim.bit_length() - 1))
+    p.chunk = max(2, chunk)
     p.grid = (p.units * p.num_splits,)
     return p
 
@@ -197,7 +201,7 @@ def msa_decode_kernel(
     scale_log2,
     LAYOUT: tl.constexpr, BS: tl.constexpr, D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TOK_P2: tl.constexpr, TK_P2: tl.constexpr,
-    NUM_SPLITS: tl.constexpr, NS_P2: tl.constexpr, SC: tl.constexpr,
+    NUM_SPLITS: tl.constexpr, NS_P2: tl.constexpr, CH: tl.constexpr,
     DENSE: tl.constexpr, CAUSAL: tl.constexpr, HAS_SINK: tl.constexpr, WRITE_LSE: tl.constexpr,
     CDT: tl.constexpr,
 ):
@@ -267,51 +271,75 @@ def msa_decode_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D], tl.float32)
 
-    for t in range(t0, t1):
-        c = t % TPB
+    # The split's tiles are processed in chunks of CH. All index work of a chunk (block ids,
+    # duplicate / validity checks, page-table lookups) is done up front as [CH] vectors, so inside
+    # the tile loop the K/V addresses only depend on registers (a masked select) and the software
+    # pipeliner can prefetch K/V ``num_stages - 1`` tiles ahead.
+    ar = tl.arange(0, CH)
+    b64 = b.to(tl.int64)
+    for c0 in range(t0, t1, CH):
+        pos = c0 + ar
+        pv = pos < t1
+        pblk = pos // TPB
         if DENSE:
-            j = tl.full([], 0, tl.int64) + t // TPB
-            tile_ok = j < nb
-            row_mem = row_ok
+            jv = pblk.to(tl.int64)
+            okv = pv & (jv < nb)
         else:
-            p = t // TPB
-            il = p // TOPK
-            sl = p % TOPK
-            j = tl.load(idx_base + il.to(tl.int64) * si_t + sl * si_s).to(tl.int64)
-            hit = idxm == j
-            dup = tl.sum(tl.where(hit & (flatpos < p), 1, 0)) > 0
-            tok_hit = tl.sum(hit.to(tl.int32), 1) > 0  # [TOK_P2]
-            row_mem = tl.sum(tl.where((tok[None, :] == tok_of_row[:, None]) & tok_hit[None, :], 1, 0), 1) > 0
-            row_mem = row_mem & row_ok
-            tile_ok = (j >= 0) & (j < nb) & (dup == 0)
-        j_safe = tl.where(tile_ok, j, 0)
-        xo = c * BLOCK_N + offs_n
-        x = j_safe * BS + xo
-        kv_ok = tile_ok & (x < Lk)
+            il = pblk // TOPK
+            slv = pblk % TOPK
+            jv = tl.load(idx_base + il.to(tl.int64) * si_t + slv * si_s, mask=pv, other=-1).to(tl.int64)
+            hit3 = idxm[None, :, :] == jv[:, None, None]  # [CH, TOK_P2, TK_P2]
+            dup = tl.max(tl.max(tl.where(hit3 & (flatpos[None, :, :] < pblk[:, None, None]), 1, 0), 2), 1)
+            okv = pv & (jv >= 0) & (jv < nb) & (dup == 0)
+            if TOK_P2 > 1:
+                tokhit = tl.max(tl.where(hit3, 1, 0), 2)  # [CH, TOK_P2]: token's index row holds the id
+        jv = tl.where(okv, jv, 0)
         if LAYOUT == 0:
-            page = tl.load(TABLE + b.to(tl.int64) * st_0 + j_safe * st_1, mask=tile_ok, other=0).to(tl.int64)
-            page_ok = (page >= 0) & (page < NUM_ROWS_KV)
-            kv_ok = kv_ok & page_ok
-            page = tl.where(page_ok, page, 0)
-            k_row = page * sk_0 + g * sk_1 + xo.to(tl.int64) * sk_2
-            v_row = page * sv_0 + g * sv_1 + xo.to(tl.int64) * sv_2
-        else:
-            sl_id = tl.load(TABLE + req_row * st_0 + x * st_1, mask=kv_ok, other=0).to(tl.int64)
-            sl_id = ((sl_id % NUM_ROWS_KV) + NUM_ROWS_KV) % NUM_ROWS_KV
-            k_row = sl_id * sk_0 + g * sk_1
-            v_row = sl_id * sv_0 + g * sv_1
-        k = tl.load(K + k_row[:, None] + offs_d[None, :] * sk_d, mask=kv_ok[:, None], other=0.0).to(CDT)
-        v = tl.load(V + v_row[:, None] + offs_d[None, :] * sv_d, mask=kv_ok[:, None], other=0.0).to(CDT)
-        s = tl.dot(q, tl.trans(k)) * scale_log2
-        vis = row_mem[:, None] & kv_ok[None, :] & (x[None, :] <= lim[:, None])
-        s = tl.where(vis, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        pr = tl.exp2(s - m_use[:, None])
-        alpha = tl.exp2(m_i - m_use)
-        l_i = l_i * alpha + tl.sum(pr, 1)
-        acc = acc * alpha[:, None] + tl.dot(pr.to(CDT), v)
-        m_i = m_new
+            pg = tl.load(TABLE + b64 * st_0 + jv * st_1, mask=okv, other=0).to(tl.int64)
+            pok = (pg >= 0) & (pg < NUM_ROWS_KV)
+            okv = okv & pok
+            pgsel = tl.where(okv, pg, 0).to(tl.int32)
+        jsel = tl.where(okv, jv, -1).to(tl.int32)  # -1: skipped tile
+        n_it = tl.minimum(t1 - c0, CH)
+        for it in range(0, n_it):
+            sel = ar == it
+            j = tl.sum(tl.where(sel, jsel, 0)).to(tl.int64)
+            tile_ok = j >= 0
+            j_safe = tl.maximum(j, 0)
+            c = (c0 + it) % TPB
+            xo = c * BLOCK_N + offs_n
+            x = j_safe * BS + xo
+            kv_ok = tile_ok & (x < Lk)
+            if DENSE:
+                row_mem = row_ok
+            else:
+                if TOK_P2 > 1:
+                    th = tl.max(tl.where(sel[:, None], tokhit, 0), 0)  # [TOK_P2]
+                    row_mem = tl.max(tl.where(tok[None, :] == tok_of_row[:, None], th[None, :], 0), 1) > 0
+                    row_mem = row_mem & row_ok
+                else:
+                    row_mem = row_ok
+            if LAYOUT == 0:
+                page = tl.sum(tl.where(sel, pgsel, 0)).to(tl.int64)
+                k_row = page * sk_0 + g * sk_1 + xo.to(tl.int64) * sk_2
+                v_row = page * sv_0 + g * sv_1 + xo.to(tl.int64) * sv_2
+            else:
+                sl_id = tl.load(TABLE + req_row * st_0 + x * st_1, mask=kv_ok, other=0).to(tl.int64)
+                sl_id = ((sl_id % NUM_ROWS_KV) + NUM_ROWS_KV) % NUM_ROWS_KV
+                k_row = sl_id * sk_0 + g * sk_1
+                v_row = sl_id * sv_0 + g * sv_1
+            k = tl.load(K + k_row[:, None] + offs_d[None, :] * sk_d, mask=kv_ok[:, None], other=0.0).to(CDT)
+            v = tl.load(V + v_row[:, None] + offs_d[None, :] * sv_d, mask=kv_ok[:, None], other=0.0).to(CDT)
+            s = tl.dot(q, tl.trans(k)) * scale_log2
+            vis = row_mem[:, None] & kv_ok[None, :] & (x[None, :] <= lim[:, None])
+            s = tl.where(vis, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+            pr = tl.exp2(s - m_use[:, None])
+            alpha = tl.exp2(m_i - m_use)
+            l_i = l_i * alpha + tl.sum(pr, 1)
+            acc = acc * alpha[:, None] + tl.dot(pr.to(CDT), v)
+            m_i = m_new
 
     out_ptrs = OUT + t_row[:, None] * so_t + heads[:, None].to(tl.int64) * so_h + offs_d[None, :] * so_d
     lse_ptrs = LSE + t_row * sl_t + heads.to(tl.int64) * sl_h
@@ -338,18 +366,17 @@ def msa_decode_kernel(
             m_all = tl.max(ms, 0)
             m_use = tl.where(m_all == float("-inf"), 0.0, m_all)
             l_all = tl.sum(tl.exp2(ms - m_use[None, :]) * ls, 0)
+            # fixed split order, one [BLOCK_M, D] partial per step (independent loads, no 3-D tile)
             acc = tl.zeros([BLOCK_M, D], tl.float32)
-            sc = tl.arange(0, SC)
-            for c0 in tl.static_range(0, NUM_SPLITS, SC):
-                spc = c0 + sc
-                pc = base + spc
-                okc = spc < NUM_SPLITS
-                mc = tl.load(MLPART + pc[:, None] * (2 * BLOCK_M) + offs_m[None, :],
-                             mask=okc[:, None] & row_ok[None, :], other=float("-inf"), cache_modifier=".cg")
-                wc = tl.exp2(mc - m_use[None, :])
-                o3 = tl.load(OPART + (pc[:, None, None] * BLOCK_M + offs_m[None, :, None]) * D + offs_d[None, None, :],
-                             mask=okc[:, None, None] & row_ok[None, :, None], other=0.0, cache_modifier=".cg")
-                acc += tl.sum(o3 * wc[:, :, None], 0)
+            o_base = OPART + base * (BLOCK_M * D)
+            ml_base = MLPART + base * (2 * BLOCK_M)
+            o_off = offs_m[:, None] * D + offs_d[None, :]
+            for s_i in tl.static_range(NUM_SPLITS):
+                mc = tl.load(ml_base + s_i * (2 * BLOCK_M) + offs_m, mask=row_ok, other=float("-inf"),
+                             cache_modifier=".cg")
+                oc = tl.load(o_base + s_i * (BLOCK_M * D) + o_off, mask=row_ok[:, None], other=0.0,
+                             cache_modifier=".cg")
+                acc += oc * tl.exp2(mc - m_use)[:, None]
             o, lse = _finalize(acc, m_all, l_all, q, SINK, heads, ss_h, ss_d, offs_d, row_ok, scale_log2, HAS_SINK)
             tl.store(out_ptrs, o.to(OUT.dtype.element_ty), mask=row_ok[:, None])
             if WRITE_LSE:
@@ -407,7 +434,7 @@ def launch(p: LaunchPlan, *, layout, q, k, v, idx, table, lens, slot_ids, sink, 
         p.tiles_per_split, p.tiles_hint,
         float(scale) * LOG2E,
         LAYOUT=layout, BS=p.BS, D=p.D, BLOCK_M=p.BLOCK_M, BLOCK_N=p.BLOCK_N, TOK_P2=p.TOK_P2, TK_P2=p.TK_P2,
-        NUM_SPLITS=p.num_splits, NS_P2=_next_pow2(p.num_splits), SC=p.combine_chunk,
+        NUM_SPLITS=p.num_splits, NS_P2=_next_pow2(p.num_splits), CH=p.chunk,
         DENSE=dense, CAUSAL=bool(causal), HAS_SINK=sink is not None, WRITE_LSE=bool(write_lse),
         CDT=_CDT[q.dtype],
         num_warps=p.num_warps, num_stages=p.num_stages,
