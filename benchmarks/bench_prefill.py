@@ -9,7 +9,10 @@ Reported per size: sparse_atten_func time (CUDA graph), sparse-effective TFLOP/s
 against dense causal torch SDPA (cuDNN and flash backends, K/V expanded to Hq heads).
 
 Env (tuning): ``MSA_BENCH_SIZES=32768`` limits the sizes, ``MSA_BENCH_NO_SDPA=1`` skips the baselines,
-``MSA_PREFILL_CFG=bmt,bns,warps,stages`` overrides the attention tile config (see prefill.py).
+``MSA_PREFILL_CFG=bmt,bns,warps,stages[,list]`` overrides the attention tile config (see prefill.py).
+Sweep: ``MSA_BENCH_SWEEP="8,64,8,2;8,128,8,3" MSA_BENCH_CSR_CHUNKS=2048,1024 python benchmarks/bench_prefill.py``
+(one process, one size: attention per config, checked against the first config, and the CSR builder per
+``MSA_CSR_CHUNK_ENTRIES``, checked bit-exact).
 
 ``run(msa, timing)`` is the entry point; ``timing`` is ``benchmarks/timing.py``:
 ``bench_events(fn, inputs_list)`` / ``bench_graph(fn, inputs_list)`` return the median time in µs of
@@ -110,7 +113,8 @@ def run(msa, timing) -> list:
                     with sdpa_kernel([be]):
                         return torch.nn.functional.scaled_dot_product_attention(qh, kh, vh, is_causal=True)
 
-                t = timing.bench_events(sdpa, sd_inputs)
+                n_it = 100 if S <= 8192 else (20 if S <= 32768 else 3)
+                t = timing.bench_events(sdpa, sd_inputs, warmup=2, iters=n_it)
                 row[f"sdpa_{name}_us"] = t
                 row[f"sdpa_{name}_dense_tflops"] = dense_flops / (t * 1e-6) / 1e12
                 row[f"speedup_vs_{name}"] = t / t_attn
@@ -155,6 +159,54 @@ class _LocalTiming:
     bench_graph = bench_events
 
 
+def sweep(msa, timing, cfgs, csr_chunks, S=32768):
+    """Tuning: time attention (graph replay) per ``MSA_PREFILL_CFG`` value and build_k2q_csr per
+    ``MSA_CSR_CHUNK_ENTRIES`` value at one size, each config checked against the first one's output."""
+    dev = torch.device("cuda")
+    q2k = m3_selection(S, HKV, TOPK, dev)
+    cu = torch.tensor([0, S], dtype=torch.int32, device=dev)
+    flops = sparse_flops(q2k, S, HQ, D)
+    inputs = []
+    for _ in range(3):
+        q = torch.randn(S, HQ, D, device=dev, dtype=torch.bfloat16)
+        k = torch.randn(S, HKV, D, device=dev, dtype=torch.bfloat16)
+        v = torch.randn(S, HKV, D, device=dev, dtype=torch.bfloat16)
+        rp, qi = msa.build_k2q_csr(q2k, cu, cu, 128, total_k=S, max_seqlen_k=S, max_seqlen_q=S)
+        inputs.append((q, k, v, rp, qi))
+    ref_csr = (rp.clone(), qi.clone())
+
+    def attn(q, k, v, rp, qi):
+        return msa.sparse_atten_func(q, k, v, rp, qi, TOPK, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=S,
+                                     max_seqlen_k=S, causal=True)
+
+    q2ks = [(m3_selection(S, HKV, TOPK, dev, seed=s),) for s in range(3)]
+    for ch in csr_chunks:
+        os.environ["MSA_CSR_CHUNK_ENTRIES"] = str(ch)
+        try:
+            rp, qi = msa.build_k2q_csr(q2k, cu, cu, 128, total_k=S, max_seqlen_k=S, max_seqlen_q=S)
+            same = torch.equal(rp, ref_csr[0]) and torch.equal(qi, ref_csr[1])
+            t = timing.bench_graph(lambda x: msa.build_k2q_csr(x, cu, cu, 128, total_k=S, max_seqlen_k=S,
+                                                               max_seqlen_q=S), q2ks)
+            print(f"CSR chunk {ch}: build {t:.0f} us, identical {same}", flush=True)
+        except Exception as e:  # noqa: BLE001
+            print(f"CSR chunk {ch}: {type(e).__name__}: {str(e)[:200]}", flush=True)
+    os.environ.pop("MSA_CSR_CHUNK_ENTRIES", None)
+    ref = None
+    for cfg in cfgs:
+        os.environ["MSA_PREFILL_CFG"] = cfg
+        try:
+            o = attn(*inputs[0]).float()
+            if ref is None:
+                ref = o
+            err = (o - ref).abs().max().item()
+            t = timing.bench_graph(attn, inputs)
+            print(f"CFG {cfg}: attn {t:.0f} us, {flops / (t * 1e-6) / 1e12:.1f} TFLOP/s, max|d| vs first {err:.2e}",
+                  flush=True)
+        except Exception as e:  # noqa: BLE001
+            print(f"CFG {cfg}: {type(e).__name__}: {str(e)[:200]}", flush=True)
+    os.environ.pop("MSA_PREFILL_CFG", None)
+
+
 if __name__ == "__main__":
     import sys
 
@@ -164,6 +216,13 @@ if __name__ == "__main__":
         import timing as _timing  # noqa: F401
     except ImportError:
         _timing = _LocalTiming()
+    if os.environ.get("MSA_BENCH_SWEEP"):  # "cfg;cfg;..." [+ MSA_BENCH_CSR_CHUNKS="2048,1024"], packaged build
+        from benchmark import load_package
+
+        sweep(load_package(), _timing, os.environ["MSA_BENCH_SWEEP"].split(";"),
+              [int(x) for x in os.environ.get("MSA_BENCH_CSR_CHUNKS", "2048").split(",")],
+              int(os.environ.get("MSA_BENCH_SIZES", "32768")))
+        sys.exit(0)
     sys.path.insert(0, os.path.join(root, "torch-ext"))
     import msa_blackwell
 

@@ -16,11 +16,17 @@ echo "CXX=${CXX:-unset} ($(${CXX:-g++} --version | head -1))"
 python3 scripts/build_variant.py > "$LOGS/build.log" 2>&1 || { tail -40 "$LOGS/build.log"; exit 1; }
 export LOCAL_KERNELS="flashrt/MiniMaxAI-msa-blackwell=$PWD"
 LIMIT=${2:-150}
-for f in $1; do
+run_one() {
+  local f=$1 t0 rc
   t0=$(date +%s)
   timeout "$LIMIT" python3 -m pytest "tests/$f" -q -rfE --tb=short -p no:cacheprovider > "$LOGS/${f%.py}.log" 2>&1
   rc=$?
-  echo "== $f rc=$rc $(( $(date +%s) - t0 ))s: $(tail -1 "$LOGS/${f%.py}.log")"
-  grep -E "^(FAILED|ERROR)" "$LOGS/${f%.py}.log" | cut -c1-300 | head -25
+  { echo "== $f rc=$rc $(( $(date +%s) - t0 ))s: $(tail -1 "$LOGS/${f%.py}.log")"
+    grep -E "^(FAILED|ERROR)" "$LOGS/${f%.py}.log" | cut -c1-300 | head -25; } > "$LOGS/${f%.py}.sum"
+}
+for f in $1; do
+  if [ "${PAR:-0}" = "1" ]; then run_one "$f" & else run_one "$f"; fi
 done
+wait
+for f in $1; do cat "$LOGS/${f%.py}.sum"; done
 tar czf "$OUT/logs.tgz" -C "$LOGS" .

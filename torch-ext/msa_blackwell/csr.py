@@ -7,22 +7,30 @@ ascending, duplicates kept; ``k2q_row_ptr [Hkv, T+1]`` int32, ``k2q_q_indices [H
 int32 with a ``-1`` tail.
 
 CUDA algorithm (device-side only: no host sync, graph-capturable, bit-deterministic), 4 Triton
-launches plus one memset. Tokens are cut into chunks of ``C`` tokens (``C*topK`` entries):
+launches and no memsets (every output column is written by a kernel). Tokens are cut into chunks of
+``C`` tokens (``C*topK`` entries, 1024 by default; ``MSA_CSR_CHUNK_ENTRIES`` overrides it for tuning).
+Measured (H100, 2026-11-26, S = 32768, topK 16, Hkv 4, graph replay): former builder (atomic counts,
+int64 sort keys, memsets) 255 us; this one 104 us with 1024-entry chunks, 139 us with 2048, 286 us with
+4096 (the in-register bitonic sort of the scatter dominates and grows as n log^2 n per chunk); at
+S = 131072 with 2048-entry chunks 644 us (former 961 us):
 
 1. ``_csr_count_kernel`` (grid ``Hkv x chunks``): every entry ``(t, s)`` -> request ``b`` (binary
    search in ``cu_seqlens_q``), validity (``0 <= j < R_b``, ``j < max_kv_blocks``), level-major row
    ``row(b, j) = sum_b' min(R_b', j) + #{b' < b : R_b' > j}`` (an O(B) loop over requests, 1
-   iteration for B = 1) and ``row < T``; integer ``atomic_add`` into a per-chunk histogram
-   ``cnt[g, chunk, row]`` (integer atomics: the counts are exact whatever the order).
+   iteration for B = 1) and ``row < T``; per-chunk histogram ``cnt[g, chunk, 0:T]`` computed in
+   registers with ``tl.histogram`` (``T <= 1024`` rows, i.e. up to 128K tokens for B = 1) and stored
+   whole, so no zeroing and no contended global atomics (M3 selections send most of a chunk's entries to
+   the same ~16 rows); larger ``T`` falls back to integer ``atomic_add`` into a zeroed table.
 2. ``_csr_scan_chunks_kernel``: exclusive scan of ``cnt`` over chunks (in place) + per-row totals.
 3. ``_csr_rowptr_kernel``: scan of the totals over rows -> ``k2q_row_ptr``.
 4. ``_csr_scatter_kernel`` (grid ``Hkv x chunks``): recomputes the chunk's entries, sorts the keys
-   ``(row << 32) | i`` in registers (``tl.sort``), gets each entry's rank inside its row run with a
+   ``(row << log2(C*TK)) | e`` (``e`` = entry index in ``(t, s)`` order; int32 keys while they fit,
+   int64 otherwise) in registers (``tl.sort``), gets each entry's rank inside its row run with a
    segmented ``associative_scan`` and writes ``i`` at ``row_ptr[row] + cnt[g, chunk, row] + rank``.
-   Entries of one row from one chunk are thus written in ascending ``i`` (equal keys are duplicates of
-   the same value, so their relative order is irrelevant), and chunks are ordered by the scan: the
-   output equals a stable sort by row of the entries in ``(t, s)`` order, i.e. the spec's sort by
-   ``(row, i)``. The same program fills its share of the ``-1`` tail.
+   Inside a chunk ``i`` is non-decreasing in ``e``, so entries of one row from one chunk are written in
+   ascending ``i``, and chunks are ordered by the scan: the output equals a stable sort by row of the
+   entries in ``(t, s)`` order, i.e. the spec's sort by ``(row, i)``. The same program fills its share
+   of the ``-1`` tail.
 
 CPU tensors take a pure-PyTorch path (stable ``torch.sort``; it may sync, API.md 3.6) with identical
 results, whether or not a GPU is present; ``_FORCE_TRITON_ON_CPU`` makes CPU inputs run the Triton kernels,
@@ -38,6 +46,7 @@ slot *set* does not; consumers only use the set (ascending iteration, membership
 deterministic.
 """
 
+import os
 from typing import Optional
 
 import torch
@@ -158,14 +167,23 @@ def _entry_rows(q2k_ptr, s_g, s_t, s_s, cuq_ptr, cuk_ptr, g, c, total_q, topk, B
 
 @triton.jit
 def _csr_count_kernel(q2k_ptr, s_g, s_t, s_s, cuq_ptr, cuk_ptr, cnt_ptr, total_q, topk, B, niter, T, max_kvb,
-                      nch, C: tl.constexpr, TK: tl.constexpr):
+                      nch, C: tl.constexpr, TK: tl.constexpr, NB: tl.constexpr):
+    """Per-chunk row histogram ``cnt[g, c, 0:T]``. ``NB > 0``: in-register ``tl.histogram`` over ``NB >= T``
+    bins, every bin stored (no atomics, no memset); ``NB == 0``: integer atomics into a zeroed table."""
     g = tl.program_id(0)
     c = tl.program_id(1)
     row, i, valid = _entry_rows(q2k_ptr, s_g, s_t, s_s, cuq_ptr, cuk_ptr, g, c, total_q, topk, B, niter, T,
                                 max_kvb, C, TK)
     base = cnt_ptr + (g.to(tl.int64) * nch + c) * T
-    ones = tl.full([C, TK], 1, tl.int32)
-    tl.atomic_add(base + tl.where(valid, row, 0), ones, mask=valid, sem="relaxed")
+    if NB > 0:
+        CTK: tl.constexpr = C * TK
+        r1 = tl.reshape(tl.where(valid, row, 0).to(tl.int32), [CTK])
+        h = tl.histogram(r1, NB, mask=tl.reshape(valid, [CTK]))
+        bins = tl.arange(0, NB)
+        tl.store(base + bins, h, mask=bins < T)
+    else:
+        ones = tl.full([C, TK], 1, tl.int32)
+        tl.atomic_add(base + tl.where(valid, row, 0), ones, mask=valid, sem="relaxed")
 
 
 @triton.jit
@@ -201,28 +219,39 @@ def _csr_rowptr_kernel(tot_ptr, rp_ptr, T, BR: tl.constexpr):
 
 
 @triton.jit
-def _keep_run_start(a, b):
-    # packed (row << 16) | position, sorted by row: keep the left element while the row is unchanged
-    return tl.where((a >> 16) == (b >> 16), a, b)
+def _keep_run_start(r1, p1, r2, p2):
+    # (row, sorted position) pairs sorted by row: carry the run's first position while the row is unchanged
+    return r2, tl.where(r1 == r2, p1, p2)
 
 
 @triton.jit
 def _csr_scatter_kernel(q2k_ptr, s_g, s_t, s_s, cuq_ptr, cuk_ptr, cnt_ptr, rp_ptr, out_ptr, total_q, topk, B,
-                        niter, T, max_kvb, nch, ncols, C: tl.constexpr, TK: tl.constexpr):
+                        niter, T, max_kvb, nch, ncols, C: tl.constexpr, TK: tl.constexpr, LOGN: tl.constexpr,
+                        KEY64: tl.constexpr):
     g = tl.program_id(0)
     c = tl.program_id(1)
     CTK: tl.constexpr = C * TK
     row, i, valid = _entry_rows(q2k_ptr, s_g, s_t, s_s, cuq_ptr, cuk_ptr, g, c, total_q, topk, B, niter, T,
                                 max_kvb, C, TK)
-    SENT: tl.constexpr = 0x7FFFFFFF00000000
-    key = tl.where(valid, (row << 32) | tl.broadcast_to(i[:, None], [C, TK]).to(tl.int64), SENT)
-    skey = tl.sort(tl.reshape(key, [CTK]))
-    srow = skey >> 32
-    sval = (skey - (srow << 32)).to(tl.int32)
+    # key = (row << LOGN) | entry index e (e = local token * TK + s, i.e. (t, s) order); int32 when it fits
+    e = tl.arange(0, CTK)
+    if KEY64:
+        KDT: tl.constexpr = tl.int64
+        SENT: tl.constexpr = 0x7FFFFFFFFFFFFFFF
+    else:
+        KDT: tl.constexpr = tl.int32
+        SENT: tl.constexpr = 0x7FFFFFFF
+    key = tl.where(tl.reshape(valid, [CTK]), (tl.reshape(row, [CTK]).to(KDT) << LOGN) | e.to(KDT), SENT)
+    skey = tl.sort(key)
     ok = skey != SENT
-    p = tl.arange(0, CTK).to(tl.int64)
-    run = tl.associative_scan((srow << 16) | p, 0, _keep_run_start)
-    rank = p - (run & 0xFFFF)
+    srow = skey >> LOGN
+    se = (skey & (CTK - 1)).to(tl.int32)
+    t = c * C + se // TK
+    bq = tl.minimum(_find_request(cuq_ptr, t, B, niter), B - 1)
+    sval = t - tl.load(cuq_ptr + bq)
+    p = tl.arange(0, CTK)
+    _, start = tl.associative_scan((srow, p), 0, _keep_run_start)
+    rank = p - start
     rowc = tl.where(ok, srow, 0)
     rp = tl.load(rp_ptr + g.to(tl.int64) * (T + 1) + rowc, mask=ok, other=0)
     off = tl.load(cnt_ptr + (g.to(tl.int64) * nch + c) * T + rowc, mask=ok, other=0)
@@ -295,11 +324,14 @@ def _csr_invert_kernel(rp_ptr, s_rg, s_rr, qi_ptr, s_qg, s_qn, ncols, rb_ptr, rj
 def _chunk_tokens(tk: int, hkv: int, total_q: int, t_rows: int) -> int:
     if interpreter_active():  # the interpreter's tl.sort / scans are slow on big tiles
         return max(1, 256 // tk)
-    c = max(1, 2048 // tk)
+    c = max(1, int(os.environ.get("MSA_CSR_CHUNK_ENTRIES", "1024")) // tk)
     # keep the chunk histogram (Hkv x chunks x T int32) bounded; bigger chunks sort more in registers
     while c * tk < 8192 and hkv * triton.cdiv(total_q, c) * t_rows > (1 << 25):
         c *= 2
     return c
+
+
+_HIST_MAX_BINS = 1024  # tl.histogram keeps NB/32 bins per thread in registers
 
 
 def _build_triton(q2k, cu_q, cu_k, total_rows: int, max_kvb: int):
@@ -308,28 +340,36 @@ def _build_triton(q2k, cu_q, cu_k, total_rows: int, max_kvb: int):
     dev = q2k.device
     T = total_rows
     ncols = total_q * topk
-    row_ptr = torch.zeros((hkv, T + 1), dtype=torch.int32, device=dev)
-    q_idx = torch.full((hkv, ncols), -1, dtype=torch.int32, device=dev)
     if hkv == 0 or total_q == 0 or batch == 0 or T == 0:
-        return row_ptr, q_idx
+        return (torch.zeros((hkv, T + 1), dtype=torch.int32, device=dev),
+                torch.full((hkv, ncols), -1, dtype=torch.int32, device=dev))
+    # every column of both outputs is written by the kernels (row_ptr by the row scan, q_idx by the
+    # scatter: entries fill [0, nnz), each chunk fills its share of the -1 tail), so no memsets
+    row_ptr = torch.empty((hkv, T + 1), dtype=torch.int32, device=dev)
+    q_idx = torch.empty((hkv, ncols), dtype=torch.int32, device=dev)
     cu_q = cu_q.contiguous()
     cu_k = cu_k.contiguous()
     tk = triton.next_power_of_2(topk)
     C = _chunk_tokens(tk, hkv, total_q, T)
     nch = triton.cdiv(total_q, C)
     niter = _niter(batch)
-    cnt = torch.zeros((hkv, nch, T), dtype=torch.int32, device=dev)
+    nb = max(64, triton.next_power_of_2(T))
+    if nb > _HIST_MAX_BINS:
+        nb = 0
+    cnt = (torch.empty if nb else torch.zeros)((hkv, nch, T), dtype=torch.int32, device=dev)
     tot = torch.empty((hkv, T), dtype=torch.int32, device=dev)
     sg, st, ss = q2k.stride()
     nw = 8 if C * tk >= 2048 else 4
     _csr_count_kernel[(hkv, nch)](q2k, sg, st, ss, cu_q, cu_k, cnt, total_q, topk, batch, niter, T, max_kvb, nch,
-                                  C=C, TK=tk, num_warps=nw)
+                                  C=C, TK=tk, NB=nb, num_warps=nw)
     BR = min(64, triton.next_power_of_2(T))
     NCB = max(1, min(triton.next_power_of_2(nch), 4096 // BR))
     _csr_scan_chunks_kernel[(hkv, triton.cdiv(T, BR))](cnt, tot, nch, T, NCB=NCB, BR=BR, num_warps=4)
     _csr_rowptr_kernel[(hkv,)](tot, row_ptr, T, BR=min(1024, triton.next_power_of_2(T)), num_warps=4)
+    logn = (C * tk).bit_length() - 1
+    key64 = T >= (1 << (31 - logn)) - 1
     _csr_scatter_kernel[(hkv, nch)](q2k, sg, st, ss, cu_q, cu_k, cnt, row_ptr, q_idx, total_q, topk, batch, niter, T,
-                                    max_kvb, nch, ncols, C=C, TK=tk, num_warps=nw)
+                                    max_kvb, nch, ncols, C=C, TK=tk, LOGN=logn, KEY64=key64, num_warps=nw)
     return row_ptr, q_idx
 
 

@@ -20,15 +20,29 @@ Design (query-outer, one Triton kernel family; no host sync, graph-capturable):
    straddle requests: request ``b`` owns tiles ``[s_b, s_b + cdiv(Lq_b, BMT))`` with
    ``s_b = (cu_q[b] + b*(BMT-1)) // BMT`` (disjoint, computed in-kernel by binary search; the grid is
    ``(total_q + B*(BMT-1)) // BMT + 1`` tiles, a host-shape bound). The program iterates over the
-   **union** of the tile tokens' valid blocks in ascending order (next-minimum over the small
-   ``[BMT, CAP]`` id tile; ids already filtered by length, page bound and the block-level causal
-   limit), loads the 128-token K/V block once (dense rows or one page, through arbitrary strides, so
-   the permuted NHD->HND view is read in place; every load masked), computes ``S = Q K^T`` with
-   ``tl.dot`` (fp32 accumulate), masks per row by block membership, length, page validity and
-   bottom-right causality, and runs an exp2-domain online softmax with fp32 statistics and fp32
-   ``O`` accumulator. The trip count is counted first so the main loop is a ``for`` loop that Triton
-   can software-pipeline. In M3 neighbouring tokens share almost all blocks, so the union of an 8..64
-   token tile is ~topK blocks and nearly every MMA row does useful work.
+   **union** of the tile tokens' valid blocks in ascending order (ids already filtered by length,
+   page bound and the block-level causal limit). The prologue builds that union once: the ``[BMT, CAP]`` id tile is sorted (``tl.sort``), the
+   first of every run is kept (segmented scan) and compacted into a per-program scratch row
+   (``ulist``, ``n_u`` entries written). The main loop is then a plain counted loop over
+   ``(block, BNS-token sub-block)`` steps whose block id is a load from that row, so the software
+   pipeliner can issue the K/V loads of the next step early (the former loop found each block with a
+   cross-warp min-reduction over the id tile, carried from one iteration to the next). Every step loads
+   its ``[BNS, 128]`` K/V sub-block (dense rows or one page, through arbitrary strides, so the permuted
+   NHD->HND view is read in place; every load masked), computes ``S = Q K^T`` with ``tl.dot`` (fp32
+   accumulate), masks per row by block membership, length, page validity and bottom-right causality,
+   and runs an exp2-domain online softmax with fp32 statistics and fp32 ``O`` accumulator. In M3
+   neighbouring tokens share almost all blocks, so the union of an 8..64 token tile is ~topK blocks and
+   nearly every MMA row does useful work. Tile configs live in a per-compute-capability table
+   (``_CFG_SM90``, ``_CFG_SM12``); ``MSA_PREFILL_CFG`` overrides them for tuning.
+
+   Measured sweep (H100 80GB HBM3, 2026-11-26, Triton 3.6, M3 shape G = 16, S = 32768, graph replay;
+   "bmt,bns,warps,stages,list"): 8,64,8,2,0 (former default, in-loop min) 7979 us / 259 TFLOP/s;
+   8,64,8,2,1 8668 us; 8,128,8,2,1 7896 us; 8,64,8,3,1 7898 us; **8,128,8,3,1 7471 us / 277 TFLOP/s**;
+   4,128,4,2,1 11042 us; 16,64,8,2,1 9565 us. At S = 131072: 33802 us (former) -> 31228 us / 271
+   TFLOP/s. So sm_90 uses whole 128-token K/V steps with 3 stages for M = 128 (M = 64 tiles keep
+   128/4 warps/2 stages, unmeasured); M = 64 (4 tokens) halves the K/V reuse and M = 256 spills. With
+   64-token sub-blocks the list loop alone was slower than the former loop; its gain shows with 3-stage
+   128-token steps (the former loop at 8,128,8,3 was not measured).
 
    Why query-outer rather than KV-outer over the CSR: a KV-outer kernel must merge per-row partial
    results of one query (topK partials per (token, head)) through memory or atomics; query-outer keeps
@@ -60,8 +74,55 @@ _LOG2E = 1.4426950408889634
 
 
 @triton.jit
+def _attend_sub_block(q, acc, m_i, l_i, m2, l2, sel, cur, cn, K, V, PT, b, g, d, ks, lk, lim_r, total_k, num_pages,
+                      sk_0, sk_1, sk_2, sk_3, sv_0, sv_1, sv_2, sv_3, spt_b, spt_p, qk_scale, tau_scale,
+                      CAUSAL: tl.constexpr, PAGED: tl.constexpr, HAS_TAU: tl.constexpr, CDT: tl.constexpr):
+    """One [BNS]-token sub-block (columns ``cn``) of block ``cur``: masked QK^T, online softmax, PV."""
+    x = cur * 128 + cn
+    col_ok = x < lk
+    if PAGED:
+        page = tl.load(PT + b.to(tl.int64) * spt_b + cur.to(tl.int64) * spt_p)
+        pg_ok = (page >= 0) & (page < num_pages)
+        pg = tl.where(pg_ok, page, 0).to(tl.int64)
+        col_ok = col_ok & pg_ok
+        kp = K + pg * sk_0 + g * sk_1 + cn.to(tl.int64)[:, None] * sk_2 + d[None, :] * sk_3
+        vp = V + pg * sv_0 + g * sv_1 + cn.to(tl.int64)[:, None] * sv_2 + d[None, :] * sv_3
+    else:
+        xg = (ks + x).to(tl.int64)
+        col_ok = col_ok & (xg >= 0) & (xg < total_k)
+        kp = K + xg[:, None] * sk_0 + g * sk_1 + d[None, :] * sk_2
+        vp = V + xg[:, None] * sv_0 + g * sv_1 + d[None, :] * sv_2
+    k = tl.load(kp, mask=col_ok[:, None], other=0.0).to(CDT)
+    s = tl.dot(q, tl.trans(k))
+    ok = sel[:, None] & col_ok[None, :]
+    if CAUSAL:
+        ok = ok & (x[None, :] <= lim_r[:, None])
+    s2 = tl.where(ok, s * qk_scale, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s2, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_safe)
+    p = tl.exp2(s2 - m_safe[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    vv = tl.load(vp, mask=col_ok[:, None], other=0.0).to(CDT)
+    acc = acc * alpha[:, None] + tl.dot(p.to(CDT), vv)
+    if HAS_TAU:
+        s3 = tl.where(ok, s * tau_scale, float("-inf"))
+        m2n = tl.maximum(m2, tl.max(s3, 1))
+        m2s = tl.where(m2n == float("-inf"), 0.0, m2n)
+        l2 = l2 * tl.exp2(m2 - m2s) + tl.sum(tl.exp2(s3 - m2s[:, None]), 1)
+        m2 = m2n
+    return m_new, l_i, acc, m2, l2
+
+
+@triton.jit
+def _keep_run_start(a, b):
+    # packed (value << 16) | position, sorted by value: keep the left element while the value is unchanged
+    return tl.where((a >> 16) == (b >> 16), a, b)
+
+
+@triton.jit
 def _prefill_fwd_kernel(
-    Q, K, V, O, LSE, LSET, SLOTS, CUQ, CUK, PT, SEQU,
+    Q, K, V, O, LSE, LSET, SLOTS, CUQ, CUK, PT, SEQU, ULIST,
     sq_t, sq_h, sq_d,
     sk_0, sk_1, sk_2, sk_3,
     sv_0, sv_1, sv_2, sv_3,
@@ -70,7 +131,7 @@ def _prefill_fwd_kernel(
     qk_scale, tau_scale,
     CAUSAL: tl.constexpr, PAGED: tl.constexpr, HAS_SEQU: tl.constexpr, HAS_TAU: tl.constexpr,
     BMT: tl.constexpr, G: tl.constexpr, CAP: tl.constexpr, D: tl.constexpr, BN: tl.constexpr,
-    BNS: tl.constexpr,
+    BNS: tl.constexpr, LIST: tl.constexpr,
 ):
     M: tl.constexpr = BMT * G
     BIG: tl.constexpr = 1 << 30
@@ -137,62 +198,56 @@ def _prefill_fwd_kernel(
             ok_t = ok_t & (ids_t * BN <= (tok_t + lk - lq)[:, None])
         ids_t = tl.where(ok_t, ids_t, BIG)
 
-        # number of distinct blocks of the tile (so that the main loop is a pipelinable `for`)
-        zero = tl.sum(tl.zeros([BMT], tl.int32), axis=0)
-        n_u = zero
-        cur = zero - 1
-        nxt = tl.min(tl.where(ids_t > cur, ids_t, BIG))
-        while nxt < BIG:
-            n_u += 1
-            cur = nxt
-            nxt = tl.min(tl.where(ids_t > cur, ids_t, BIG))
-
         m_i = tl.full([M], float("-inf"), tl.float32)
         l_i = tl.zeros([M], tl.float32)
         acc = tl.zeros([M, D], tl.float32)
         m2 = tl.full([M], float("-inf"), tl.float32)
         l2 = tl.zeros([M], tl.float32)
-        cur = zero - 1
-        for _ in range(0, n_u):
-            cur = tl.min(tl.where(ids_t > cur, ids_t, BIG))
-            sel = tl.max(tl.where(ids_r == cur, 1, 0), axis=1) > 0
-            if PAGED:
-                page = tl.load(PT + b.to(tl.int64) * spt_b + cur.to(tl.int64) * spt_p)
-                pg_ok = (page >= 0) & (page < num_pages)
-                pg = tl.where(pg_ok, page, 0).to(tl.int64)
-            for hh in tl.static_range(BN // BNS):
+        zero = tl.sum(tl.zeros([BMT], tl.int32), axis=0)
+        if LIST:
+            # ascending distinct block list of the tile, computed once: sort the [BMT*CAP] ids, keep the
+            # first of every run (segmented scan on (id << 16 | position)), compact into a per-program
+            # scratch row. The main loop is then a plain indexed loop over (block, sub-block) whose block
+            # id is a load, so the pipeliner can prefetch K/V of the next step.
+            NT: tl.constexpr = BMT * CAP
+            sv = tl.sort(tl.reshape(ids_t, [NT]))
+            pp = tl.arange(0, NT)
+            run = tl.associative_scan((sv.to(tl.int64) << 16) | pp.to(tl.int64), 0, _keep_run_start)
+            first = ((run & 0xFFFF).to(tl.int32) == pp) & (sv < BIG)
+            rank = tl.cumsum(first.to(tl.int32), axis=0) - 1
+            n_u = tl.sum(first.to(tl.int32), axis=0)
+            lbase = ULIST + (pid.to(tl.int64) * tl.num_programs(1) + g) * NT
+            tl.store(lbase + tl.where(first, rank, 0), sv, mask=first)
+            tl.debug_barrier()
+            NSUB: tl.constexpr = BN // BNS
+            for it in range(0, n_u * NSUB):
+                cur = tl.load(lbase + it // NSUB)
+                hh = it % NSUB
+                sel = tl.max(tl.where(ids_r == cur, 1, 0), axis=1) > 0
                 cn = hh * BNS + tl.arange(0, BNS)
-                x = cur * BN + cn
-                col_ok = x < lk
-                if PAGED:
-                    col_ok = col_ok & pg_ok
-                    kp = K + pg * sk_0 + g * sk_1 + cn.to(tl.int64)[:, None] * sk_2 + d[None, :] * sk_3
-                    vp = V + pg * sv_0 + g * sv_1 + cn.to(tl.int64)[:, None] * sv_2 + d[None, :] * sv_3
-                else:
-                    xg = (ks + x).to(tl.int64)
-                    col_ok = col_ok & (xg >= 0) & (xg < total_k)
-                    kp = K + xg[:, None] * sk_0 + g * sk_1 + d[None, :] * sk_2
-                    vp = V + xg[:, None] * sv_0 + g * sv_1 + d[None, :] * sv_2
-                k = tl.load(kp, mask=col_ok[:, None], other=0.0).to(CDT)
-                s = tl.dot(q, tl.trans(k))
-                ok = sel[:, None] & col_ok[None, :]
-                if CAUSAL:
-                    ok = ok & (x[None, :] <= lim_r[:, None])
-                s2 = tl.where(ok, s * qk_scale, float("-inf"))
-                m_new = tl.maximum(m_i, tl.max(s2, 1))
-                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-                alpha = tl.exp2(m_i - m_safe)
-                p = tl.exp2(s2 - m_safe[:, None])
-                l_i = l_i * alpha + tl.sum(p, 1)
-                vv = tl.load(vp, mask=col_ok[:, None], other=0.0).to(CDT)
-                acc = acc * alpha[:, None] + tl.dot(p.to(CDT), vv)
-                m_i = m_new
-                if HAS_TAU:
-                    s3 = tl.where(ok, s * tau_scale, float("-inf"))
-                    m2n = tl.maximum(m2, tl.max(s3, 1))
-                    m2s = tl.where(m2n == float("-inf"), 0.0, m2n)
-                    l2 = l2 * tl.exp2(m2 - m2s) + tl.sum(tl.exp2(s3 - m2s[:, None]), 1)
-                    m2 = m2n
+                m_i, l_i, acc, m2, l2 = _attend_sub_block(
+                    q, acc, m_i, l_i, m2, l2, sel, cur, cn, K, V, PT, b, g, d, ks, lk, lim_r, total_k, num_pages,
+                    sk_0, sk_1, sk_2, sk_3, sv_0, sv_1, sv_2, sv_3, spt_b, spt_p, qk_scale, tau_scale,
+                    CAUSAL, PAGED, HAS_TAU, CDT)
+        else:
+            # number of distinct blocks of the tile (so that the main loop is a `for`), then next-minimum
+            n_u = zero
+            cur = zero - 1
+            nxt = tl.min(tl.where(ids_t > cur, ids_t, BIG))
+            while nxt < BIG:
+                n_u += 1
+                cur = nxt
+                nxt = tl.min(tl.where(ids_t > cur, ids_t, BIG))
+            cur = zero - 1
+            for _ in range(0, n_u):
+                cur = tl.min(tl.where(ids_t > cur, ids_t, BIG))
+                sel = tl.max(tl.where(ids_r == cur, 1, 0), axis=1) > 0
+                for hh in tl.static_range(BN // BNS):
+                    cn = hh * BNS + tl.arange(0, BNS)
+                    m_i, l_i, acc, m2, l2 = _attend_sub_block(
+                        q, acc, m_i, l_i, m2, l2, sel, cur, cn, K, V, PT, b, g, d, ks, lk, lim_r, total_k,
+                        num_pages, sk_0, sk_1, sk_2, sk_3, sv_0, sv_1, sv_2, sv_3, spt_b, spt_p, qk_scale,
+                        tau_scale, CAUSAL, PAGED, HAS_TAU, CDT)
 
         nonempty = l_i > 0
         l_safe = tl.where(nonempty, l_i, 1.0)
@@ -207,23 +262,31 @@ def _prefill_fwd_kernel(
             tl.store(LSET + orow, lset, mask=row_ok)
 
 
-_GPU_TILE_TOKENS = {1: 64, 2: 32, 4: 32, 8: 16, 16: 8}
+# Tile configs per (compute-capability major, G): (tokens per tile BMT, KV sub-block BNS, warps, stages, LIST).
+# M = BMT*G MMA rows. sm_90 (H100): see the module docstring for the measured sweep. sm_12x (consumer
+# Blackwell, ~99 KB shared memory per block): M = 64 rows, 64-token sub-blocks, 2 stages, i.e. about
+# Q 16 KB + 2 x (K 16 KB + V 16 KB) = 80 KB of operand buffers, under the limit.
+_TILE_TOKENS = {1: 64, 2: 32, 4: 32, 8: 16, 16: 8}
+_CFG_SM90 = {G: ((bmt, 128, 8, 3, True) if bmt * G >= 128 else (bmt, 128, 4, 2, True))
+             for G, bmt in _TILE_TOKENS.items()}
+_CFG_SM12 = {G: (max(1, 64 // G), 64, 4, 2, True) for G in _TILE_TOKENS}
 
 
-def _launch_config(G: int):
-    """(tokens per tile BMT, KV sub-block BNS, num_warps, num_stages). M = BMT*G MMA rows.
+def _launch_config(G: int, device: torch.device):
+    """(tokens per tile BMT, KV sub-block BNS, num_warps, num_stages, LIST). M = BMT*G MMA rows.
 
-    ``MSA_PREFILL_CFG="bmt,bns,warps,stages"`` overrides it (tuning only; BMT*G >= 16, BNS | 128).
+    ``MSA_PREFILL_CFG="bmt,bns,warps,stages[,list]"`` overrides it (tuning only; BMT*G >= 16, BNS | 128;
+    ``list`` 1 = precomputed block list loop, 0 = in-loop next-minimum).
     """
     env = os.environ.get("MSA_PREFILL_CFG")
     if env:
-        bmt, bns, nw, ns = (int(x) for x in env.split(","))
-        return bmt, bns, nw, ns
+        f = [int(x) for x in env.split(",")]
+        return f[0], f[1], f[2], f[3], bool(f[4]) if len(f) > 4 else True
     if interpreter_active():
-        return max(1, 16 // G), 128, 4, 1
-    bmt = _GPU_TILE_TOKENS[G]
-    m = bmt * G
-    return bmt, 128 if m <= 64 else 64, 8 if m >= 128 else 4, 2
+        return max(1, 16 // G), 128, 4, 1, True
+    major = torch.cuda.get_device_capability(device)[0] if device.type == "cuda" else 9
+    table = _CFG_SM12 if major >= 12 else _CFG_SM90
+    return table[G]
 
 
 def _prefill_launch(q, k, v, row_ptr, q_idx, cu_q, cu_k, page_table, seqused_k, topk, causal, scale, tau,
@@ -247,8 +310,10 @@ def _prefill_launch(q, k, v, row_ptr, q_idx, cu_q, cu_k, page_table, seqused_k, 
     cu_k = cu_k.contiguous()
     cap = slot_capacity(topk)
     slots = invert_csr_slots(row_ptr, q_idx, cu_q, cu_k, total_q, cap)
-    bmt, bns, nw, ns = _launch_config(G)
+    bmt, bns, nw, ns, use_list = _launch_config(G, q.device)
     n_tiles = (total_q + batch * (bmt - 1)) // bmt + 1
+    # per-program scratch for the ascending block list of the tile (only the first n_u entries are written)
+    ulist = torch.empty((n_tiles * hkv * bmt * cap) if use_list else 1, dtype=torch.int32, device=q.device)
     if paged:
         sk = k.stride()
         sv = v.stride()
@@ -264,13 +329,13 @@ def _prefill_launch(q, k, v, row_ptr, q_idx, cu_q, cu_k, page_table, seqused_k, 
     dummy = cu_q
     _prefill_fwd_kernel[(n_tiles, hkv)](
         q, k, v, out, lse, lse_t if with_tau else lse, slots, cu_q, cu_k,
-        page_table if paged else dummy, seqused_k if seqused_k is not None else dummy,
+        page_table if paged else dummy, seqused_k if seqused_k is not None else dummy, ulist,
         q.stride(0), q.stride(1), q.stride(2),
         sk[0], sk[1], sk[2], sk[3], sv[0], sv[1], sv[2], sv[3], spt[0], spt[1],
         total_q, total_k, num_pages, max_pages, batch, max(1, int(batch).bit_length() + 1), hq,
         scale * _LOG2E, scale * _LOG2E / tau,
         CAUSAL=bool(causal), PAGED=paged, HAS_SEQU=seqused_k is not None, HAS_TAU=bool(with_tau),
-        BMT=bmt, G=G, CAP=cap, D=d, BN=KV_BLOCK, BNS=bns, num_warps=nw, num_stages=ns,
+        BMT=bmt, G=G, CAP=cap, D=d, BN=KV_BLOCK, BNS=bns, LIST=use_list, num_warps=nw, num_stages=ns,
     )
     return out, lse, lse_t
 
