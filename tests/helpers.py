@@ -69,3 +69,15 @@ def assert_lse_close(lse, ref, *, atol=1e-3, rtol=1e-3):
     assert torch.equal(torch.isneginf(lse), inf_ref), "LSE -inf pattern differs from the reference"
     fin = ~inf_ref
     torch.testing.assert_close(lse[fin], ref[fin], atol=atol, rtol=rtol)
+
+
+def random_index_row(nb: int, topk: int, kind: str) -> torch.Tensor:
+    """One index row of ``topk`` block ids for a request with ``nb`` blocks.
+
+    kind "valid": distinct valid ids, -1 padded; anything else: adversarial ids in [-2, nb + 3)
+    (negatives, out-of-range and duplicates anywhere).
+    """
+    if kind == "valid":
+        r = torch.randperm(max(nb, 1))[:topk]
+        return torch.cat([r, torch.full((topk - r.numel(),), -1)]) if r.numel() < topk else r
+    return torch.randint(-2, nb + 3, (topk,))

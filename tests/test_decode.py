@@ -10,7 +10,7 @@ import warnings
 import pytest
 import torch
 
-from .helpers import assert_close_attn, assert_lse_close, msa, poison_like, requires_cuda
+from .helpers import assert_close_attn, assert_lse_close, msa, poison_like, random_index_row, requires_cuda
 from .reference import paged_decode_ref
 
 FP8 = torch.float8_e4m3fn
@@ -56,12 +56,7 @@ def make_problem(lens, *, hkv=2, g=4, sq=1, topk=4, dtype=torch.float16, device=
             nb = -(-L // BS)
             for _ in range(sq):
                 for _ in range(hkv):
-                    if ids == "valid":
-                        r = torch.randperm(max(nb, 1))[:topk]
-                        r = torch.cat([r, torch.full((topk - r.numel(),), -1)]) if r.numel() < topk else r
-                    else:
-                        r = torch.randint(-2, nb + 3, (topk,))
-                    rows.append(r)
+                    rows.append(random_index_row(nb, topk, ids))
         idx = torch.stack(rows).view(b * sq, hkv, topk).permute(1, 0, 2).contiguous().to(torch.int32).to(device)
     return q, k, v, idx, page_table, seqused_k
 

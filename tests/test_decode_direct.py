@@ -5,7 +5,7 @@ import warnings
 import pytest
 import torch
 
-from .helpers import assert_close_attn, msa, requires_cuda
+from .helpers import assert_close_attn, msa, random_index_row, requires_cuda
 from .reference import token_major_decode_ref
 
 FP8 = torch.float8_e4m3fn
@@ -45,12 +45,7 @@ def make_direct(lens, *, hkv=2, g=4, d=64, bs=128, topk=4, dtype=torch.float16, 
     for L in lens:
         nb = -(-L // bs)
         for _ in range(hkv):
-            if ids == "valid":
-                r = torch.randperm(max(nb, 1))[:topk]
-                r = torch.cat([r, torch.full((topk - r.numel(),), -1)]) if r.numel() < topk else r
-            else:
-                r = torch.randint(-2, nb + 3, (topk,))
-            rows.append(r)
+            rows.append(random_index_row(nb, topk, ids))
     topk_idx = torch.stack(rows).view(b, hkv, topk).permute(1, 0, 2).contiguous().to(idx_dtype)
     seq_lens = torch.tensor(lens, dtype=idx_dtype)
     return (q, k, v, req_to_token.to(device), seq_lens.to(device), slot_ids.to(device), topk_idx.to(device))
