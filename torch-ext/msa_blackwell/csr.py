@@ -595,3 +595,52 @@ def k2q_to_q2k(k2q_row_ptr, k2q_q_indices, cu_seqlens_q, cu_seqlens_k, total_q: 
     if k2q_row_ptr.shape[0] != k2q_q_indices.shape[0] or k2q_row_ptr.shape[1] < 1:
         raise ValueError("k2q_row_ptr must be [Hkv, T+1] and k2q_q_indices [Hkv, N] with the same Hkv")
     return _k2q_to_q2k_op(k2q_row_ptr, k2q_q_indices, cu_seqlens_q, cu_seqlens_k, int(total_q), int(topK))
+
+
+# ----------------------------------------------------------------------------------------------
+# Ahead-of-time compile descriptions (scripts/aot_check.py; see _aot.py)
+# ----------------------------------------------------------------------------------------------
+
+def aot_configs(arch: int, full: bool = False):
+    """Launch configurations of the CSR builder / inverter kernels (same on every architecture).
+
+    Derived from ``_build_triton`` / ``_chunk_tokens`` / ``invert_csr_slots``: chunk entries ``C*TK`` in
+    1024..8192 (default 1024, doubled to bound the histogram), ``TK = next_pow2(topK)`` (topK 1..64),
+    histogram bins ``NB`` 0 (atomics) or 64..1024, 32/64-bit sort keys, scan tiles ``BR x NCB <= 4096``,
+    slot capacity ``CAP`` 2..128. CI subset: the extremes of each axis.
+    """
+    from ._aot import AotConfig, dedupe
+
+    out = []
+    p2 = [1 << i for i in range(13)]
+    tks = (1, 2, 4, 8, 16, 32, 64) if full else (16, 64)
+    entries = (1024, 2048, 4096, 8192) if full else (1024, 8192)
+    common = dict(q2k_ptr="*i32", s_g="i32:D", s_t="i32:D", s_s=1, cuq_ptr="*i32", cuk_ptr="*i32", cnt_ptr="*i32",
+                  total_q="i32", topk="i32", B="i32", niter="i32", T="i32", max_kvb="i32", nch="i32")
+    for tk in tks:
+        for e in entries:
+            C = e // tk
+            nw = 8 if e >= 2048 else 4
+            for nb in ((0, 64, 128, 256, 512, 1024) if full else ((0, 1024) if e == 1024 else (1024,))):
+                out.append(AotConfig(_csr_count_kernel, dict(common, C=C, TK=tk, NB=nb), nw, 3,
+                                     f"count C{C} TK{tk} NB{nb}"))
+            logn = e.bit_length() - 1
+            for key64 in ((False, True) if full else ((e == 8192),)):
+                out.append(AotConfig(_csr_scatter_kernel, dict(common, rp_ptr="*i32", out_ptr="*i32", ncols="i32",
+                                                               C=C, TK=tk, LOGN=logn, KEY64=key64), nw, 3,
+                                     f"scatter C{C} TK{tk} key{64 if key64 else 32}"))
+    scan = [(br, ncb) for br in p2[:7] for ncb in p2 if br * ncb <= 4096] if full else [(64, 64), (1, 4096), (64, 1)]
+    for br, ncb in scan:
+        out.append(AotConfig(_csr_scan_chunks_kernel, dict(cnt_ptr="*i32", tot_ptr="*i32", nch="i32", T="i32",
+                                                           NCB=ncb, BR=br), 4, 3, f"scan BR{br} NCB{ncb}"))
+    for br in (p2[:11] if full else (1, 1024)):
+        out.append(AotConfig(_csr_rowptr_kernel, dict(tot_ptr="*i32", rp_ptr="*i32", T="i32", BR=br), 4, 3,
+                             f"rowptr BR{br}"))
+    out.append(AotConfig(_rowinfo_kernel, dict(cuk_ptr="*i32", B="i32", T="i32", rb_ptr="*i32", rj_ptr="*i32", BJ=64),
+                         2, 3, "rowinfo BJ64"))
+    for cap in (sorted({slot_capacity(t) for t in range(1, 65)}) if full else (2, 128)):
+        out.append(AotConfig(_csr_invert_kernel, dict(rp_ptr="*i32", s_rg="i32:D", s_rr=1, qi_ptr="*i32", s_qg="i32:D",
+                                                      s_qn=1, ncols="i32", rb_ptr="*i32", rj_ptr="*i32", cuq_ptr="*i32",
+                                                      total_q="i32", T="i32", slots_ptr="*i32", nsplit="i32", CAP=cap,
+                                                      E=256), 4, 3, f"invert CAP{cap} E256"))
+    return dedupe(out)

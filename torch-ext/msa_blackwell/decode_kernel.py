@@ -26,6 +26,7 @@ Work decomposition. One program per ``(b, g, m_tile, split)``:
   leaving the counter buffer zeroed for the next launch (self-cleaning).
 """
 
+import copy
 import functools
 
 import torch
@@ -81,12 +82,17 @@ def _device_info(device_type: str, index):
     return props.major, props.multi_processor_count
 
 
-def device_config(device: torch.device):
-    major, sms = _device_info(device.type, device.index)
+def config_for_major(major):
+    """The ``DECODE_CONFIGS`` entry used on a device of compute-capability major ``major`` (None = CPU)."""
     cfg = DECODE_CONFIGS.get(major)
     if cfg is None:
         cfg = DECODE_CONFIGS[9] if major is not None and major >= 9 else DECODE_CONFIGS[None]
-    return cfg, sms
+    return cfg
+
+
+def device_config(device: torch.device):
+    major, sms = _device_info(device.type, device.index)
+    return config_for_major(major), sms
 
 
 def _next_pow2(n: int) -> int:
@@ -114,6 +120,13 @@ def make_plan(device, *, B, Hkv, G, SQ, D, BS, topk, hint_blocks, split_override
     ``make_plan.cache_clear()`` after editing ``DECODE_CONFIGS``).
     """
     cfg, sms = device_config(device)
+    return plan_from_config(cfg, sms, B=B, Hkv=Hkv, G=G, SQ=SQ, D=D, BS=BS, topk=topk, hint_blocks=hint_blocks,
+                            split_override=split_override, max_grid=max_grid)
+
+
+def plan_from_config(cfg, sms, *, B, Hkv, G, SQ, D, BS, topk, hint_blocks, split_override=0,
+                     max_grid=0) -> LaunchPlan:
+    """``make_plan`` for an explicit ``DECODE_CONFIGS`` entry and SM count (also used by ``aot_configs``)."""
     p = LaunchPlan()
     p.B, p.Hkv, p.G, p.SQ, p.D, p.BS, p.topk = B, Hkv, G, SQ, D, BS, topk
     p.dense = topk == 0
@@ -439,3 +452,103 @@ def launch(p: LaunchPlan, *, layout, q, k, v, idx, table, lens, slot_ids, sink, 
         CDT=_CDT[q.dtype],
         num_warps=p.num_warps, num_stages=p.num_stages,
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# Ahead-of-time compile descriptions (scripts/aot_check.py): every launch configuration the plan
+# above can produce on a device of compute capability ``arch``, derived from ``plan_from_config``.
+# ---------------------------------------------------------------------------------------------
+# (q dtype, kv dtype): output dtype bf16 for fp8 q, else q's; CDT as ``_CDT``
+_AOT_DTYPES = ((torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16), (torch.bfloat16, torch.float8_e4m3fn),
+               (torch.float8_e4m3fn, torch.float8_e4m3fn))
+
+
+def _aot_plans(arch: int):
+    """Distinct plans over the supported shape space (both layouts): D 64/128/256, GQA 1..16, seqlen_q 1..4,
+    block sizes 16..512 (HND official API: page 128), top-k 0 (dense) / 1..64, batch 1..256."""
+    from ._aot import ARCHS, major_of
+
+    cfg = config_for_major(major_of(arch))
+    sms = ARCHS[arch]["sms"]
+    plans = {}
+    for layout in (LAYOUT_HND, LAYOUT_TOKEN):
+        for D in (64, 128, 256):
+            if layout == LAYOUT_HND and D != 128:
+                continue
+            for BS in ((128,) if layout == LAYOUT_HND else (16, 32, 64, 128, 256, 512)):
+                for G in (1, 2, 4, 8, 16):
+                    for SQ in ((1, 2, 4) if layout == LAYOUT_HND else (1,)):
+                        for topk in (0, 1, 2, 4, 8, 16, 32, 64):
+                            for B, Hkv in ((1, 1), (1, 8), (8, 4), (64, 4), (256, 8)):
+                                for hint in ((1, 32, 1024) if topk == 0 else (0,)):
+                                    p = plan_from_config(cfg, sms, B=B, Hkv=Hkv, G=G, SQ=SQ, D=D, BS=BS, topk=topk,
+                                                         hint_blocks=hint)
+                                    key = (layout, p.D, p.BS, p.BLOCK_M, p.BLOCK_N, p.TOK_P2, p.TK_P2, p.num_splits,
+                                           p.chunk, p.dense, p.num_warps, p.num_stages)
+                                    plans[key] = p
+    return plans
+
+
+def aot_configs(arch: int, full: bool = False):
+    """``AotConfig`` list for ``msa_decode_kernel`` on compute capability ``arch`` (see ``_aot``).
+
+    ``full``: every distinct plan x dtype pair x (causal, sink, lse) flags. CI subset: per tile class
+    (layout, D, BS, BLOCK_M, BLOCK_N, dense, warps, stages) the plan with the largest index chunk
+    (``CH * TOK_P2 * TK_P2``) and the largest split count (unrolled combine), all flags on, every dtype pair
+    for the HND BLOCK_M = 64 classes (the largest tiles) and bf16 otherwise.
+    """
+    from ._aot import AotConfig, dedupe, torch_to_tl_name
+
+    plans = _aot_plans(arch)
+    if full:
+        sel = list(plans.items())
+    else:
+        # one plan per tile class (layout, D, BLOCK_M, dense, warps, stages) at the class's largest BLOCK_N:
+        # the largest index chunk, with NUM_SPLITS raised to the class's largest split count (the combine
+        # loop is unrolled NUM_SPLITS times); smaller BLOCK_N / chunks / split counts are strictly smaller.
+        best, most = {}, {}
+        for key, p in plans.items():
+            cls = (key[0], p.D, p.BLOCK_M, p.dense, p.num_warps, p.num_stages)
+            score = (p.BLOCK_N, p.chunk * p.TOK_P2 * p.TK_P2)
+            if cls not in best or score > best[cls][0]:
+                best[cls] = (score, key, p)
+            most[cls] = max(most.get(cls, 1), p.num_splits)
+        sel = []
+        for cls, (_, key, p) in best.items():
+            q = copy.copy(p)
+            q.num_splits = most[cls]
+            sel.append((key, q))
+    out = []
+    for key, p in sel:
+        layout = key[0]
+        if full:
+            dtypes = _AOT_DTYPES
+        else:  # fp16 compiles like bf16; fp8 K/V adds the widening converts
+            dtypes = ((_AOT_DTYPES[0], _AOT_DTYPES[2], _AOT_DTYPES[3]) if layout == LAYOUT_HND and p.BLOCK_M == 64
+                      else _AOT_DTYPES[:1])
+        if layout == LAYOUT_TOKEN:  # direct helper: bf16/fp16 q only
+            dtypes = [d for d in dtypes if d[0] != torch.float8_e4m3fn]
+        flags = [(True, True, True), (False, False, False)] if full else [(True, True, True)]
+        for qd, kd in dtypes:
+            od = torch.bfloat16 if qd == torch.float8_e4m3fn else qd
+            cdt = _CDT[qd]
+            for causal, sink, wlse in flags:
+                args = {}
+                for n in msa_decode_kernel.arg_names:
+                    args[n] = "i32:D"
+                args.update(Q="*" + torch_to_tl_name(qd), K="*" + torch_to_tl_name(kd),
+                            V="*" + torch_to_tl_name(kd), IDX="*i32", TABLE="*i32", LENS="*i32", SLOTS="*i32",
+                            SINK="*fp32", OUT="*" + torch_to_tl_name(od), LSE="*fp32", OPART="*fp32",
+                            MLPART="*fp32", COUNTER="*i32", sq_d=1, sk_d=1, sv_d=1, si_s=1, st_1=1, ss_d=1, so_d=1,
+                            sl_h=1, s_len=1, s_slot=1, scale_log2="fp32",
+                            Hkv="i32", G="i32", SQ="i32", TOPK="i32", TBL_W="i32", TBL_ROWS="i32",
+                            NUM_ROWS_KV="i32", MT="i32", TILES_PER_SPLIT="i32", TILES_HINT="i32")
+                args.update(LAYOUT=layout, BS=p.BS, D=p.D, BLOCK_M=p.BLOCK_M, BLOCK_N=p.BLOCK_N, TOK_P2=p.TOK_P2,
+                            TK_P2=p.TK_P2, NUM_SPLITS=p.num_splits, NS_P2=_next_pow2(p.num_splits), CH=p.chunk,
+                            DENSE=p.dense, CAUSAL=causal, HAS_SINK=sink, WRITE_LSE=wlse, CDT=cdt)
+                label = (f"{'HND' if layout == LAYOUT_HND else 'TOK'} D{p.D} BS{p.BS} M{p.BLOCK_M} N{p.BLOCK_N} "
+                         f"{'dense' if p.dense else f'tok{p.TOK_P2}xtk{p.TK_P2}'} S{p.num_splits} CH{p.chunk} "
+                         f"q{torch_to_tl_name(qd)}/kv{torch_to_tl_name(kd)}"
+                         + (f" c{int(causal)}s{int(sink)}l{int(wlse)}" if full else ""))
+                out.append(AotConfig(msa_decode_kernel, args, p.num_warps, p.num_stages, label, hot=True))
+    return dedupe(out)

@@ -166,7 +166,7 @@ def _fp4_indexer_op(q: torch.Tensor, k: torch.Tensor, q_scale: torch.Tensor, k_s
     else:
         qss = tuple(int(s) for s in q_scale.stride())
         kss = tuple(int(s) for s in k_scale.stride())
-    BLOCK_M = 16 if (interpreter_active() or max_seqlen_q <= 16) else (32 if max_seqlen_q <= 32 else 64)
+    BLOCK_M = 16 if interpreter_active() else _indexer_block_m(max_seqlen_q)
     n_mtiles = triton.cdiv(max_seqlen_q, BLOCK_M)
     grid = (B * n_mtiles, Hq)
     qo = qo_offset if qo_offset is not None else cu_seqlens_q
@@ -532,3 +532,59 @@ def naive_flash_decode_with_topk_idx(q, sink, kv_cache, seq_lens, max_seqlen, sl
                     den = den + torch.exp(sink[h].double().cpu() @ qh * scale - m)
                 o[b, h] = (p @ kv[1, :L, h // G]) / den
     return o.to(q.dtype).to(q.device), idx.to(q.device)
+
+
+# ----------------------------------------------------------------------------------------------
+# Ahead-of-time compile descriptions (scripts/aot_check.py; see _aot.py)
+# ----------------------------------------------------------------------------------------------
+
+def _indexer_block_m(max_seqlen_q: int) -> int:
+    return 16 if max_seqlen_q <= 16 else (32 if max_seqlen_q <= 32 else 64)
+
+
+def aot_configs(arch: int, full: bool = False):
+    """FP4 indexer and decode block-score launch configurations (Triton defaults: 4 warps, 3 stages).
+
+    ``_fp4_indexer_kernel``: BLOCK_M 16/32/64 (from max_seqlen_q), nvfp4 (GS 16, e4m3 scales) / mxfp4 (GS 32,
+    e8m0) / decoded float scales, public / preordered layout, causal (+ qo_offset), tf32 dots.
+    ``_decode_block_scores_kernel``: D 64/128/256, block size 16..512 (``BT = min(BS, 64 or 32)``), max / lse,
+    q bf16/fp16, K q's dtype or fp8.
+    """
+    from ._aot import AotConfig, dedupe
+
+    out = []
+    bms = sorted({_indexer_block_m(s) for s in (1, 16, 17, 32, 33, 4096)})
+    variants = []  # (GS, scale kind, scale pointer type, preordered)
+    for gs, sk in ((16, SK_E4M3), (32, SK_E8M0)):
+        variants += [(gs, sk, "*u8", False), (gs, sk, "*u8", True)]
+        variants += [(gs, SK_FLOAT, t, False) for t in ("*fp32", "*bf16", "*fp16")]
+    cflags = [(False, False), (True, False), (True, True)]
+    if not full:
+        variants = [(16, SK_E4M3, "*u8", True), (32, SK_E8M0, "*u8", False), (16, SK_FLOAT, "*fp32", False)]
+        cflags = [(True, True)]
+    for bm in bms:
+        for gs, sk, st, pre in (variants if (full or bm == 64) else variants[:1]):
+            for causal, qo in cflags:
+                args = dict(q_ptr="*u8", k_ptr="*u8", qs_ptr=st, ks_ptr=st, cu_q_ptr="*i32", cu_k_ptr="*i32",
+                            cu_p_ptr="*i32", kvi_ptr="*i32", qo_ptr="*i32", out_ptr="*fp32",
+                            sq0="i32:D", sq1="i32:D", sq2=1, sk0="i32:D", sk1="i32:D", sk2="i32:D", sk3=1,
+                            qss0="i32:D" if not pre else "i32:D", qss1="i32" if not pre else "i32:D",
+                            qss2=1 if not pre else "i32:D", kss0="i32:D", kss1="i32", kss2="i32", kss3=1 if not pre else "i32:D",
+                            total_q="i32", total_pages="i32", n_kvi="i32", Hkv="i32", G="i32", NB="i32", n_mtiles="i32",
+                            q_l_stride="i32:D", q_rg="i32",
+                            GS=gs, SCALE_KIND=sk, PREORDERED=pre, CAUSAL=causal, HAS_QO=qo, BLOCK_M=bm, USE_TF32=True)
+                out.append(AotConfig(_fp4_indexer_kernel, args, 4, 3,
+                                     f"fp4idx M{bm} GS{gs} sk{sk}{st[1:]} pre{int(pre)} c{int(causal)}qo{int(qo)}"))
+    dts = [("bf16", "bf16"), ("fp16", "fp16"), ("bf16", "fp8e4nv")]
+    for D in (64, 128, 256):
+        for BS in ((16, 32, 64, 128, 256, 512) if full else (16, 512)):
+            BT = min(BS, 64 if D <= 128 else 32)
+            for qd, kd in (dts if (full or D == 128) else dts[:1]):
+                for lse in ((False, True) if full else (True,)):
+                    args = dict(q_ptr="*" + qd, k_ptr="*" + kd, r2t_ptr="*i32", seq_ptr="*i32", slot_ptr="*i32",
+                                out_ptr="*fp32", sqb="i32:D", sqh="i32:D", sqd=1, skt="i32:D", skh="i32:D", skd=1,
+                                srr="i32:D", src=1, width="i32", max_slots="i32", G="i32", B="i32", NB="i32",
+                                sm_scale="fp32", D=D, BS=BS, BT=BT, LSE=lse)
+                    out.append(AotConfig(_decode_block_scores_kernel, args, 4, 3,
+                                         f"blkscore D{D} BS{BS} BT{BT} q{qd}/k{kd} lse{int(lse)}"))
+    return dedupe(out)

@@ -486,3 +486,32 @@ def native_nvfp4_dequant_swizzled_to_bf16(packed: torch.Tensor, scale_128x4: tor
         raise TypeError(f"global_scale must be a tensor or a float, got {type(global_scale).__name__}")
     check_devices([("packed", packed), ("scale_128x4", scale_128x4)])
     return _nvfp4_dequant_op(packed, scale_128x4, None, float(global_scale))
+
+
+# ----------------------------------------------------------------------------------------------
+# Ahead-of-time compile descriptions (scripts/aot_check.py; see _aot.py)
+# ----------------------------------------------------------------------------------------------
+
+def aot_configs(arch: int, full: bool = False):
+    """Quantiser / dequantiser launch configurations (Triton defaults: 4 warps, 3 stages), from ``_quant_blocks``
+    (``C' = round_up(D/16, 4)``: BLOCK_C 4/8/16) and the dequantiser's ``BLOCK_B = min(next_pow2(D/2), 64)``
+    (8..64, D a multiple of 16). Input bf16/fp16 (CI: bf16)."""
+    from ._aot import AotConfig, dedupe
+
+    out = []
+    row = dict(R="i32", C="i32", n1="i32", n2="i32", s0="i32:D", s1="i32:D", s2="i32:D", sD=1)
+    for xd in (("bf16", "fp16") if full else ("bf16",)):
+        for cp in (4, 8, 16):
+            br, bc = _quant_blocks(cp)
+            out.append(AotConfig(_nvfp4_amax_kernel, dict(row, x_ptr="*" + xd, part_ptr="*fp32", BLOCK_R=br, BLOCK_C=bc),
+                                 4, 3, f"amax {xd} BR{br} BC{bc}"))
+            out.append(AotConfig(_nvfp4_quant_kernel, dict(row, x_ptr="*" + xd, amax_ptr="*fp32", data_ptr="*u8",
+                                                           scale_ptr="*u8", RP="i32", CP="i32", BLOCK_R=br, BLOCK_C=bc),
+                                 4, 3, f"quant {xd} BR{br} BC{bc}"))
+    for bb in (8, 16, 32, 64):
+        for gs in (False, True):
+            out.append(AotConfig(_nvfp4_dequant_kernel, dict(row, p_ptr="*u8", scale_ptr="*u8", gs_ptr="*fp32" if gs else "*u8",
+                                                             gs_val="fp32", out_ptr="*i16", HAS_GS_PTR=gs,
+                                                             BLOCK_R=max(1, 4096 // bb), BLOCK_B=bb),
+                                 4, 3, f"dequant BB{bb} gs_ptr{int(gs)}"))
+    return dedupe(out)

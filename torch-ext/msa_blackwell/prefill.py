@@ -270,6 +270,9 @@ _TILE_TOKENS = {1: 64, 2: 32, 4: 32, 8: 16, 16: 8}
 _CFG_SM90 = {G: ((bmt, 128, 8, 3, True) if bmt * G >= 128 else (bmt, 128, 4, 2, True))
              for G, bmt in _TILE_TOKENS.items()}
 _CFG_SM12 = {G: (max(1, 64 // G), 64, 4, 2, True) for G in _TILE_TOKENS}
+# sm_10x (datacenter Blackwell, 227 KB per block): sm_90's tiles, but 3 stages of M = 128 need 237600 B there
+# (scripts/aot_check.py, Triton 3.8) > 232448 B, so M = 128 tiles use 2 stages. Unmeasured.
+_CFG_SM100 = {G: (c[0], c[1], c[2], min(c[3], 2), c[4]) for G, c in _CFG_SM90.items()}
 
 
 def _launch_config(G: int, device: torch.device):
@@ -285,8 +288,56 @@ def _launch_config(G: int, device: torch.device):
     if interpreter_active():
         return max(1, 16 // G), 128, 4, 1, True
     major = torch.cuda.get_device_capability(device)[0] if device.type == "cuda" else 9
-    table = _CFG_SM12 if major >= 12 else _CFG_SM90
-    return table[G]
+    return config_table(major)[G]
+
+
+def config_table(major: int):
+    """Per-G tile table used on compute-capability major ``major`` (9: ``_CFG_SM90``, 10: ``_CFG_SM100``, 12: ``_CFG_SM12``)."""
+    if major >= 12:
+        return _CFG_SM12
+    return _CFG_SM100 if major == 10 else _CFG_SM90
+
+
+# (q dtype, kv dtype) pairs; output dtype bf16 for fp8 q, else q's (the kernel's compute dtype = O's)
+_AOT_DTYPES = ((torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16), (torch.bfloat16, FP8), (FP8, FP8))
+
+
+def aot_configs(arch: int, full: bool = False):
+    """``AotConfig`` list (see ``_aot``) for ``_prefill_fwd_kernel`` on compute capability ``arch``.
+
+    From ``config_table``: every G in ``_TILE_TOKENS``. ``full``: every slot capacity (topK 1..64 ->
+    CAP 2..128) x dtype pair x (causal, paged, seqused_k, tau) flags. CI subset: CAP 128 (the largest: the prologue
+    sorts BMT*CAP ids), plus CAP 32 (M3's topK 16) for G = 16, causal + paged + seqused_k + tau on, bf16 for every
+    G plus fp8 Q/K/V for the M3 GQA ratio 16.
+    """
+    from ._aot import AotConfig, dedupe, major_of, torch_to_tl_name
+
+    table = config_table(major_of(arch))
+    caps_all = sorted({slot_capacity(t) for t in range(1, 65)})
+    flag_sets = ([(c, pg, sq, tau) for c in (False, True) for pg in (False, True) for sq in ((False, True) if pg else (False,))
+                  for tau in (False, True)] if full else [(True, True, True, True)])
+    out = []
+    for G, (bmt, bns, nw, ns, use_list) in table.items():
+        dts = _AOT_DTYPES if full else (_AOT_DTYPES[:1] + ((_AOT_DTYPES[3],) if G == 16 else ()))
+        for cap in (caps_all if full else ((32, 128) if G == 16 else (128,))):
+            for qd, kd in dts:
+                od = torch.bfloat16 if qd == FP8 else qd
+                for causal, paged, sequ, tau in flag_sets:
+                    args = {n: "i32:D" for n in _prefill_fwd_kernel.arg_names}
+                    args.update(Q="*" + torch_to_tl_name(qd), K="*" + torch_to_tl_name(kd),
+                                V="*" + torch_to_tl_name(kd), O="*" + torch_to_tl_name(od), LSE="*fp32", LSET="*fp32",
+                                SLOTS="*i32", CUQ="*i32", CUK="*i32", PT="*i32", SEQU="*i32", ULIST="*i32",
+                                sq_d=1, sk_3=1 if paged else "i32:D", sk_2="i32:D" if paged else 1,
+                                sv_3=1 if paged else "i32:D", sv_2="i32:D" if paged else 1, spt_p=1,
+                                total_q="i32", total_k="i32", num_pages="i32", max_pages="i32", B="i32", niter="i32",
+                                qk_scale="fp32", tau_scale="fp32",
+                                CAUSAL=causal, PAGED=paged, HAS_SEQU=sequ, HAS_TAU=tau, BMT=bmt, G=G, CAP=cap,
+                                D=128, BN=KV_BLOCK, BNS=bns, LIST=use_list)
+                    label = (f"G{G} BMT{bmt} M{bmt * G} BNS{bns} CAP{cap} list{int(use_list)} "
+                             f"q{torch_to_tl_name(qd)}/kv{torch_to_tl_name(kd)} "
+                             f"c{int(causal)}p{int(paged)}u{int(sequ)}t{int(tau)}")
+                    out.append(AotConfig(_prefill_fwd_kernel, args, nw, ns, label, hot=True))
+    return dedupe(out)
 
 
 def _prefill_launch(q, k, v, row_ptr, q_idx, cu_q, cu_k, page_table, seqused_k, topk, causal, scale, tau,
