@@ -33,7 +33,7 @@ Design (query-outer, one Triton kernel family; no host sync, graph-capturable):
    and runs an exp2-domain online softmax with fp32 statistics and fp32 ``O`` accumulator. In M3
    neighbouring tokens share almost all blocks, so the union of an 8..64 token tile is ~topK blocks and
    nearly every MMA row does useful work. Tile configs live in a per-compute-capability table
-   (``_CFG_SM90``, ``_CFG_SM12``); ``MSA_PREFILL_CFG`` overrides them for tuning.
+   (``_CFG_SM90``, ``_CFG_SM100`` (sm_90 tiles, at most 2 stages: 3 exceed 227 KB there), ``_CFG_SM12``); ``MSA_PREFILL_CFG`` overrides them for tuning.
 
    Measured sweep (H100 80GB HBM3, 2026-11-26, Triton 3.6, M3 shape G = 16, S = 32768, graph replay;
    "bmt,bns,warps,stages,list"): 8,64,8,2,0 (former default, in-loop min) 7979 us / 259 TFLOP/s;
