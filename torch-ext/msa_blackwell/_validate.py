@@ -60,10 +60,18 @@ def check_devices(named: Iterable, *, kernel: bool = True) -> torch.device:
     return dev
 
 
-def check_positive_int(name: str, value, *, minimum: int = 1, maximum: Optional[int] = None) -> int:
-    """A host ``int`` in ``[minimum, maximum]``."""
+def check_host_int(name: str, value, *, allow_none: bool = False):
+    """A host ``int`` (not bool); ``None`` passes through when ``allow_none``. TypeError otherwise."""
+    if value is None and allow_none:
+        return None
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    return value
+
+
+def check_positive_int(name: str, value, *, minimum: int = 1, maximum: Optional[int] = None) -> int:
+    """A host ``int`` in ``[minimum, maximum]``."""
+    check_host_int(name, value)
     if value < minimum or (maximum is not None and value > maximum):
         hi = "" if maximum is None else f", {maximum}"
         raise ValueError(f"{name} must be in [{minimum}{hi}], got {value}")

@@ -54,7 +54,7 @@ import triton
 import triton.language as tl
 
 from ._registry import add_op_namespace_prefix
-from ._validate import check_devices, check_tensor, interpreter_active
+from ._validate import check_devices, check_host_int, check_tensor, interpreter_active
 from .errors import MsaUnsupportedError
 
 KV_BLOCK = 128
@@ -444,14 +444,6 @@ def _(q2k_indices, cu_seqlens_q, cu_seqlens_k, total_rows, max_kv_blocks):
 # public API
 # ----------------------------------------------------------------------------------------------
 
-def _host_int(name: str, value, *, allow_none: bool = False):
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    return value
-
-
 def check_cu_seqlens(cu_seqlens_q, cu_seqlens_k) -> int:
     """int32 rank-1 non-empty equal-shape ``cu_seqlens_q/k``; returns ``B``."""
     check_tensor("cu_seqlens_q", cu_seqlens_q, dtypes=(torch.int32,))
@@ -476,10 +468,10 @@ def build_k2q_csr(q2k_indices, cu_seqlens_q, cu_seqlens_k, kv_block_size, *, tot
     """
     if total_k is None:
         raise ValueError("build_k2q_csr requires total_k from k.shape[0]")
-    total_k = _host_int("total_k", total_k)
+    total_k = check_host_int("total_k", total_k)
     if total_k < 0:
         raise ValueError(f"total_k must be >= 0, got {total_k}")
-    kv_block_size = _host_int("kv_block_size", kv_block_size)
+    kv_block_size = check_host_int("kv_block_size", kv_block_size)
     if kv_block_size <= 0:
         raise ValueError(f"kv_block_size must be positive, got {kv_block_size}")
     if kv_block_size != KV_BLOCK:
@@ -492,14 +484,14 @@ def build_k2q_csr(q2k_indices, cu_seqlens_q, cu_seqlens_k, kv_block_size, *, tot
     batch = check_cu_seqlens(cu_seqlens_q, cu_seqlens_k)
     check_devices((("q2k_indices", q2k_indices), ("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)),
                   kernel=False)
-    max_seqlen_k = _host_int("max_seqlen_k", max_seqlen_k, allow_none=True)
-    max_seqlen_q = _host_int("max_seqlen_q", max_seqlen_q, allow_none=True)
+    max_seqlen_k = check_host_int("max_seqlen_k", max_seqlen_k, allow_none=True)
+    max_seqlen_q = check_host_int("max_seqlen_q", max_seqlen_q, allow_none=True)
     if total_rows is None:
         total_rows = default_total_rows(total_k, batch)
-    total_rows = _host_int("total_rows", total_rows)
+    total_rows = check_host_int("total_rows", total_rows)
     if total_rows < 0:
         raise ValueError(f"total_rows must be >= 0, got {total_rows}")
-    qhead_per_kv = _host_int("qhead_per_kv", qhead_per_kv)
+    qhead_per_kv = check_host_int("qhead_per_kv", qhead_per_kv)
     if qhead_per_kv <= 0:
         raise ValueError(f"qhead_per_kv must be > 0, got {qhead_per_kv}")
     if return_schedule and (max_seqlen_k is None or max_seqlen_q is None):

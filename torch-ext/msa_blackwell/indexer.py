@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from ._registry import add_op_namespace_prefix
-from ._validate import check_devices, check_tensor, interpreter_active
+from ._validate import check_devices, check_host_int, check_tensor, interpreter_active
 from .nvfp4 import _e2m1_code_to_f32, _e4m3_code_to_f32
 
 __all__ = ["fp4_indexer_block_scores", "flash_decode_with_topk_idx", "naive_flash_decode_with_topk_idx"]
@@ -192,8 +192,7 @@ def _as_u8(t):
 
 
 def _check_host_int(name, v):
-    if isinstance(v, bool) or not isinstance(v, int):
-        raise TypeError(f"{name} must be a host int, got {type(v).__name__}")
+    check_host_int(name, v)
     if v < 0:
         raise ValueError(f"{name} must be >= 0, got {v}")
 

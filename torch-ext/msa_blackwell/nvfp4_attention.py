@@ -11,14 +11,10 @@ kernel would. The fused kernel (packed FP4 + scales read inside the attention lo
 import torch
 
 from ._validate import check_devices, check_head_dim, check_tensor
-from .nvfp4 import native_nvfp4_dequant_swizzled_to_bf16
+from .nvfp4 import _prod, _round_up, native_nvfp4_dequant_swizzled_to_bf16
 from .prefill import sparse_atten_func
 
 _Q_DTYPES = (torch.bfloat16, torch.float16, torch.float8_e4m3fn)
-
-
-def _round_up(x: int, m: int) -> int:
-    return (x + m - 1) // m * m
 
 
 def _check_scale(name: str, scale: torch.Tensor, rows: int):
@@ -70,9 +66,7 @@ def sparse_atten_nvfp4_kv_func(q, k, v, k_scale_128x4, v_scale_128x4, k_global_s
         raise ValueError(f"k/v packed last dim must be 64 (head dim 128), got {k.shape[-1]}")
     if k.dim() == 4 and k.shape[2] != blk_kv:
         raise ValueError(f"k.shape[2] ({k.shape[2]}) must equal blk_kv ({blk_kv})")
-    rows = 1
-    for s in k.shape[:-1]:
-        rows *= int(s)
+    rows = _prod(int(s) for s in k.shape[:-1])
     _check_scale("k_scale_128x4", k_scale_128x4, rows)
     _check_scale("v_scale_128x4", v_scale_128x4, rows)
     kg = _check_global("k_global_scale", k_global_scale)
