@@ -87,7 +87,6 @@ def test_built_variant_metadata():
         assert ops_id.startswith("_msa_blackwell_cuda_") and len(ops_id.rsplit("_", 1)[1]) == 7
         assert (v / f"{ops_id}.abi3.so").exists()
         assert f"from . import {ops_id}" in (v / "_ops.py").read_text()
-        assert not list(v.rglob("__pycache__")) or True  # bytecode may appear after imports; not shipped
         assert meta is not None
 
 
