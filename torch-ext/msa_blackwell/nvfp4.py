@@ -4,9 +4,17 @@ API.md §5.6–§5.12 and §7.1.
 
 * ``Nvfp4QuantizedTensor``: frozen dataclass ``(data, scale_128x4, global_scale, logical_scale_shape,
   original_shape)``.
-* ``quantize_bf16_to_nvfp4_128x4(x)``: the package's own two-pass Triton quantiser (amax pass, then
-  one program per ``BLOCK_R x BLOCK_C`` tile of 16-element blocks) implementing the §5.8 algorithm
-  bit-exactly; scales are written straight into the swizzled 128x4 layout (padding 0).
+* ``quantize_bf16_to_nvfp4_128x4(x)`` / ``quantize_kv_bf16_to_nvfp4_128x4(k, v)``: the package's own
+  two-pass Triton quantiser implementing the §5.8 algorithm bit-exactly, two launches (K and V of equal
+  layout share them):
+
+  1. ``_nvfp4_amax_kernel``: persistent grid-stride max |x| (software-pipelined 16 KB tiles), one partial
+     per program (at most ``_NP``);
+  2. ``_nvfp4_quant_kernel``: persistent over 128-row x 64-column tiles, tail first (the amax pass read
+     it last, so it is still in L2); every program reduces the partials once, program 0 writes the
+     global scale. Rows are permuted inside a tile so that its 4 scale columns are one whole 512-byte
+     swizzle tile (a contiguous store); codes are packed 8 per int32 word. The E2M1 encoder is 3 FMAs and
+     4 min/max per element (``_e2m1_biased``), the E4M3 scale the hardware RNE-satfinite conversion.
 * ``dequantize_nvfp4_128x4_to_bf16`` / ``swizzle_nvfp4_scale_to_128x4`` /
   ``nvfp4_global_scale_from_amax``: pure PyTorch (CPU or CUDA).
 * ``native_nvfp4_dequant_swizzled_to_bf16``: Triton dequantiser, bit-identical to
@@ -17,8 +25,9 @@ Swizzled offset of logical scale ``(r, c)`` with ``C' = round_up(C, 4)``::
     off(r, c) = ((r // 128) * (C' / 4) + c // 4) * 512 + (r % 32) * 16 + ((r % 128) // 32) * 4 + c % 4
 """
 
+import functools
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import triton
@@ -125,18 +134,58 @@ def _row_offsets(rows, n1, n2, s0, s1, s2):
 
 
 @triton.jit
-def _nvfp4_amax_kernel(x_ptr, part_ptr, R, C, n1, n2, s0, s1, s2, sD,
-                       BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Per-program partial max |x| over a ``BLOCK_R x (BLOCK_C*16)`` tile."""
-    pid_r = tl.program_id(0)
-    pid_c = tl.program_id(1)
-    rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
-    cols = pid_c * (BLOCK_C * 16) + tl.arange(0, BLOCK_C * 16)
-    roff = _row_offsets(rows, n1, n2, s0, s1, s2)
-    mask = (rows[:, None] < R) & (cols[None, :] < C * 16)
-    x = tl.load(x_ptr + roff[:, None] + cols[None, :].to(tl.int64) * sD, mask=mask, other=0.0).to(tl.float32)
-    m = tl.max(tl.max(tl.abs(x), axis=1), axis=0)
-    tl.store(part_ptr + pid_r * tl.num_programs(1) + pid_c, m)
+def _tile_rows(row0, lr, n1, n2, s0, s1, s2, ROWS: tl.constexpr):
+    """(scalar int64 base, per-row offsets) of rows ``row0 + lr`` of the collapsed ``[n0, n1, n2]`` lead dims.
+
+    ``ROWS`` 0: flat (``n0 = n1 = 1``), offset ``row * s2``; 1: paged (no tile crosses a boundary of the
+    innermost dim: one 32-bit divmod per tile), int32 offsets inside the tile; 2: generic, int64 per-row
+    divmod (base 0). The host picks 0/1 only when the in-tile offsets fit in int32.
+    """
+    if ROWS == 0:
+        base = row0.to(tl.int64) * s2
+        roff = lr * s2
+    elif ROWS == 1:
+        tq = row0 // n2
+        base = (tq // n1).to(tl.int64) * s0 + (tq % n1).to(tl.int64) * s1 + (row0 % n2).to(tl.int64) * s2
+        roff = lr * s2
+    else:
+        base = tl.zeros([], dtype=tl.int64)
+        roff = _row_offsets(row0 + lr, n1, n2, s0, s1, s2)
+    return base, roff
+
+
+@triton.jit
+def _nvfp4_amax_kernel(x_ptr, y_ptr, part_ptr, R, D, n_tiles, n_ct, n1, n2, s0, s1, s2, sD,
+                       BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, ROWS: tl.constexpr, STAGES: tl.constexpr,
+                       PAIR: tl.constexpr):
+    """Partial max |x| of ``BLOCK_R x BLOCK_D`` tiles, written to ``part_ptr[pid]``.
+
+    Program ``p`` of a tensor takes the tiles ``p, p + G, ...`` (``G`` programs per tensor): grid-stride,
+    software-pipelined (``STAGES`` tiles in flight), so the tiles read last are the tensor's tail, where
+    the quantise pass starts (L2 hits). ``PAIR``: programs ``[G, 2G)`` do the same for ``y`` (same shape and
+    strides as ``x``). ``ROWS``: see ``_tile_rows``.
+    """
+    pid = tl.program_id(0)
+    if PAIR:
+        G = tl.num_programs(0) // 2
+        is_y = pid >= G
+        p = tl.where(is_y, pid - G, pid)
+        x_ptr = tl.where(is_y, y_ptr, x_ptr)
+    else:
+        G = tl.num_programs(0)
+        p = pid
+    rr = tl.arange(0, BLOCK_R)
+    cc = tl.arange(0, BLOCK_D)
+    acc = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
+    for t in tl.range(p, n_tiles, G, num_stages=STAGES):
+        rt = t // n_ct
+        ct = t - rt * n_ct
+        base, roff = _tile_rows(rt * BLOCK_R, rr, n1, n2, s0, s1, s2, ROWS)
+        cols = ct * BLOCK_D + cc
+        m = ((rt * BLOCK_R + rr)[:, None] < R) & (cols[None, :] < D)
+        x = tl.load(x_ptr + base + roff[:, None] + (cols * sD)[None, :], mask=m, other=0.0)
+        acc = tl.maximum(acc, tl.abs(x.to(tl.float32)))
+    tl.store(part_ptr + pid, tl.max(tl.max(acc, axis=1), axis=0))
 
 
 @triton.jit
@@ -169,15 +218,32 @@ def _e4m3_code_to_f32(code):
     return tl.where((code & 0x80) != 0, -val, val)
 
 
+# bits of M = 1.5 * 2^22 (fp32 ulp 0.5) summed at the 8 nibble shifts, mod 2^32
+_E2M1_WORD_BIAS = tl.constexpr((0x4AC00000 * 0x11111111) & 0xFFFFFFFF)
+
+
+@triton.jit
+def _e2m1_biased(w):
+    """E2M1 code of fp32 ``w`` plus ``0x4AC00000`` (uint32): RNE, ties to even, saturating to 6, sign in bit 3.
+
+    ``a = |w|`` maps onto a uniform 0.5-step grid by the concave ``u = min(a, a/2 + 1, a/4 + 2)`` (the E2M1
+    magnitude ``LUT[n]`` maps to ``n / 2``). Each line is evaluated with the magic ``M = 1.5 * 2^22`` added
+    (ulp 0.5), so one fp32 rounding gives ``RNE(2u)`` exactly: the ``a * 2^-k`` products are exact, and
+    rounding is monotone, so the min of the rounded lines is the rounded min. ``max(., M)`` maps NaN to
+    code 0 (max/min ignore NaN), ``min(., M + 3.5)`` saturates to code 7; the result's bits are
+    ``bits(M) + code``, and the sign adds 8.
+    """
+    a = tl.abs(w)
+    t = tl.minimum(tl.minimum(a + 6291456.0, a * 0.5 + 6291457.0), a * 0.25 + 6291458.0)
+    t = tl.minimum(tl.maximum(t, 6291456.0), 6291459.5)
+    neg = w.to(tl.uint32, bitcast=True) >> 31
+    return t.to(tl.uint32, bitcast=True) | (neg << 3)
+
+
 @triton.jit
 def _e2m1_rne_satfinite(w):
-    """E2M1 code (int32, 0..15) of fp32 ``w``: RNE with ties to even, saturating to 6, sign kept."""
-    a = tl.abs(w)
-    code = ((a > 0.25).to(tl.int32) + (a >= 0.75).to(tl.int32) + (a > 1.25).to(tl.int32)
-            + (a >= 1.75).to(tl.int32) + (a > 2.5).to(tl.int32) + (a >= 3.5).to(tl.int32)
-            + (a > 5.0).to(tl.int32))
-    neg = w.to(tl.int32, bitcast=True) < 0
-    return code | (neg.to(tl.int32) << 3)
+    """E2M1 code (int32, 0..15) of fp32 ``w``: RNE with ties to even, saturating to 6, sign kept; NaN -> 0 (+sign)."""
+    return (_e2m1_biased(w) - 0x4AC00000).to(tl.int32, bitcast=True)
 
 
 @triton.jit
@@ -190,49 +256,84 @@ def _e2m1_code_to_f32(code):
 
 
 @triton.jit
-def _nvfp4_quant_kernel(x_ptr, amax_ptr, data_ptr, scale_ptr, R, C, RP, CP, n1, n2, s0, s1, s2, sD,
-                        BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Quantise a ``BLOCK_R x BLOCK_C`` tile of 16-element blocks (rows up to ``RP``, groups up to ``CP``).
+def _nvfp4_quant_kernel(x_ptr, y_ptr, part_ptr, n_parts, data_ptr, data_y_ptr, scale_ptr, scale_y_ptr, gs_ptr, gs_y_ptr,
+                        R, C, CP, n_tiles, n_ct, n1, n2, s0, s1, s2, sD,
+                        NP: tl.constexpr, ROWS: tl.constexpr, HW_CVT: tl.constexpr, STAGES: tl.constexpr,
+                        PAIR: tl.constexpr):
+    """Quantise tiles of 128 rows x 4 groups of 16 (64 columns; rows up to ``round_up(R, 128)``), persistent.
 
+    * The whole-tensor amax is the max of the amax pass's ``n_parts`` partials (reduced once per program);
+      the tensor's program 0 writes the global scale.
+    * Program ``p`` (of ``G`` per tensor) takes tiles ``n_tiles - 1 - (p + k * G)``: tail first, which the
+      amax pass read last (L2 hits); loads are software-pipelined (``STAGES``).
+    * Slot ``i`` of a tile holds row ``(i % 4) * 32 + i // 4``, so the tile's scales ``[128, 4]`` are one whole
+      512-byte swizzle tile, byte ``i * 4 + c``.
+    * Codes are packed 8 per int32 word (element ``8w + k`` in nibble ``k``): the data pointers are int32.
+    * ``HW_CVT``: E4M3 scale via the hardware RNE-satfinite conversion (sm_89+), else the integer encoder.
+    * ``PAIR``: programs ``[G, 2G)`` quantise ``y`` (same shape and strides) into the ``*_y_ptr`` outputs,
+      with the partials ``[n_parts, 2 n_parts)``.
     Rows ``>= R`` / groups ``>= C`` read as zero, so their scale bytes (the swizzle padding) are 0.
     """
-    pid_r = tl.program_id(0)
-    pid_c = tl.program_id(1)
-    rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
-    grp = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    kk = tl.arange(0, 8)
-    r3 = rows[:, None, None]
-    g3 = grp[None, :, None]
-    k3 = kk[None, None, :]
-    mask = (r3 < R) & (g3 < C)
-    # one contiguous [BLOCK_R, BLOCK_C*16] load, split into even / odd elements
-    roff2 = _row_offsets(rows, n1, n2, s0, s1, s2)[:, None]
-    cols = pid_c * (BLOCK_C * 16) + tl.arange(0, BLOCK_C * 16)
-    m2 = (rows[:, None] < R) & (cols[None, :] < C * 16)
-    x2 = tl.load(x_ptr + roff2 + cols[None, :].to(tl.int64) * sD, mask=m2, other=0.0).to(tl.float32)
-    xe, xo = tl.split(tl.reshape(x2, [BLOCK_R, BLOCK_C, 8, 2]))
-
-    amax = tl.load(amax_ptr + tl.zeros([1], dtype=tl.int32))  # [1]
+    pid = tl.program_id(0)
+    if PAIR:
+        G = tl.num_programs(0) // 2
+        is_y = pid >= G
+        p = tl.where(is_y, pid - G, pid)
+        x_ptr = tl.where(is_y, y_ptr, x_ptr)
+        part_ptr = part_ptr + tl.where(is_y, n_parts, 0)
+        data_ptr = tl.where(is_y, data_y_ptr, data_ptr)
+        scale_ptr = tl.where(is_y, scale_y_ptr, scale_ptr)
+        gs_ptr = tl.where(is_y, gs_y_ptr, gs_ptr)
+    else:
+        G = tl.num_programs(0)
+        p = pid
+    pp = tl.arange(0, NP)
+    amax = tl.max(tl.load(part_ptr + pp, mask=pp < n_parts, other=0.0), axis=0, keep_dims=True)  # [1]
     s_enc = tl.minimum(tl.math.div_rn(tl.full([1], 2688.0, tl.float32), amax), 3.4028234663852886e38)
     s_enc = tl.where((amax == 0.0) | (s_enc == 0.0), 1.0, s_enc)
     inv_s = tl.math.div_rn(tl.full([1], 1.0, tl.float32), s_enc)
     s_enc6 = s_enc * 0.16666666666666666  # fp32(1/6)
+    if p == 0:
+        tl.store(gs_ptr + tl.arange(0, 1), tl.math.div_rn(amax, tl.full([1], 2688.0, tl.float32)))
 
-    a_b = tl.maximum(tl.max(tl.abs(xe), axis=2), tl.max(tl.abs(xo), axis=2))  # [BR, BC]
-    sc = _e4m3_rne_satfinite(a_b * s_enc6)
-    prod = _e4m3_code_to_f32(sc) * inv_s
-    coef = tl.minimum(tl.math.div_rn(tl.full([BLOCK_R, BLOCK_C], 1.0, tl.float32), prod), 3.4028234663852886e38)
-    coef = tl.where(prod == 0.0, 3.4028234663852886e38, coef)[:, :, None]
-    lo = _e2m1_rne_satfinite(xe * coef)
-    hi = _e2m1_rne_satfinite(xo * coef)
-    byte = (lo | (hi << 4)).to(tl.uint8)
-    doff = r3.to(tl.int64) * (C * 8) + g3 * 8 + k3
-    tl.store(data_ptr + doff, byte, mask=mask)
-
-    r2 = rows[:, None]
-    g2 = grp[None, :]
-    soff = (((r2 // 128) * (CP // 4) + g2 // 4) * 512 + (r2 % 32) * 16 + ((r2 % 128) // 32) * 4 + g2 % 4)
-    tl.store(scale_ptr + soff.to(tl.int64), sc.to(tl.uint8), mask=(r2 < RP) & (g2 < CP))
+    i = tl.arange(0, 128)
+    lr = (i % 4) * 32 + i // 4
+    c4 = tl.arange(0, 4)
+    hw = tl.arange(0, 2)
+    nib = (4 * tl.arange(0, 8)).to(tl.uint32)
+    for k in tl.range(p, n_tiles, G, num_stages=STAGES):
+        t = n_tiles - 1 - k
+        rt = t // n_ct
+        ct = t - rt * n_ct
+        rows = rt * 128 + lr
+        row_ok = rows < R
+        cols = ct * 64 + tl.arange(0, 64)
+        base, roff = _tile_rows(rt * 128, lr, n1, n2, s0, s1, s2, ROWS)
+        m = row_ok[:, None] & (cols[None, :] < C * 16)
+        x = tl.load(x_ptr + base + roff[:, None] + (cols * sD)[None, :], mask=m, other=0.0)
+        x4 = tl.reshape(x.to(tl.float32), [128, 4, 2, 8])
+        v = tl.max(tl.max(tl.abs(x4), axis=3), axis=2) * s_enc6  # [128, 4]
+        if HW_CVT:
+            f8 = tl.where(v != v, 448.0, v).to(tl.float8e4nv)  # cvt.rn.satfinite; NaN as the integer encoder (448)
+            sc = f8.to(tl.uint8, bitcast=True)
+            sf = f8.to(tl.float32)
+        else:
+            code = _e4m3_rne_satfinite(v)
+            sc = code.to(tl.uint8)
+            sf = _e4m3_code_to_f32(code)
+        prod = sf * inv_s
+        coef = tl.minimum(tl.math.div_rn(tl.full([128, 4], 1.0, tl.float32), prod), 3.4028234663852886e38)
+        coef = tl.where(prod == 0.0, 3.4028234663852886e38, coef)
+        biased = _e2m1_biased(x4 * coef[:, :, None, None])  # [128, 4, 2, 8] uint32, code + bits(M)
+        # element 8w + k in nibble k of word w; the bias terms sum to the constant _E2M1_WORD_BIAS (mod 2^32)
+        words = tl.sum(biased << nib[None, None, None, :], axis=3) - _E2M1_WORD_BIAS  # [128, 4, 2]
+        # data: int32 word (4 ct + c) * 2 + h of row rt * 128 + lr
+        cw = (ct * 4 + c4) * 2
+        doff = (lr * (C * 2))[:, None, None] + cw[None, :, None] + hw[None, None, :]
+        tl.store(data_ptr + (rt * 128).to(tl.int64) * (C * 2) + doff, words.to(tl.int32, bitcast=True),
+                 mask=row_ok[:, None, None] & (cw < C * 2)[None, :, None])
+        # scales: the whole 512-byte tile rt * C' / 4 + ct
+        tl.store(scale_ptr + (rt.to(tl.int64) * (CP // 4) + ct) * 512 + (i * 4)[:, None] + c4[None, :], sc)
 
 
 @triton.jit
@@ -271,10 +372,38 @@ def _nvfp4_dequant_kernel(p_ptr, scale_ptr, gs_ptr, gs_val, out_ptr, R, C, n1, n
     tl.store(out_ptr + ooff, tl.reshape(tl.join(o_lo, o_hi), [BLOCK_R, 2 * BLOCK_B]), mask=omask)
 
 
-def _quant_blocks(cp: int):
-    block_c = min(triton.next_power_of_2(max(cp, 1)), 16)
-    block_r = max(1, min(128, 4096 // (block_c * 16)))
-    return block_r, block_c
+_NP = 512  # max amax-pass partials (power of two; every quantise program reduces them all)
+_STAGES = 3  # tiles in flight per program (software-pipelined loads) in both passes
+_CTAS_PER_SM = 2  # persistent grids: programs per SM
+
+
+def _amax_blocks(D: int):
+    """(BLOCK_R, BLOCK_D, num_warps) of the amax pass: 8192-element tiles, at most 256 columns."""
+    bd = min(triton.next_power_of_2(D), 256)
+    return 8192 // bd, bd, 8
+
+
+_QUANT_WARPS = 8  # quantise pass: 128 x 64 tiles (8192 elements), 32 per thread
+# E4M3 block scales through cvt.rn.satfinite.e4m3x2.f32 on sm_89+ (bit-identical to _e4m3_rne_satfinite for
+# every non-NaN input; NaN is mapped to 448 first); False: the integer encoder everywhere
+_E4M3_HW_CVT = True
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_caps(index: int):
+    """(SM count, has the sm_89+ E4M3 conversion) of CUDA device ``index`` (host properties, no sync)."""
+    p = torch.cuda.get_device_properties(index)
+    return int(p.multi_processor_count), _E4M3_HW_CVT and (p.major, p.minor) >= (8, 9)
+
+
+def _rows_mode(n0: int, n1: int, n2: int, s0: int, s1: int, s2: int, block_r: int, R: int) -> int:
+    """``ROWS`` of ``_tile_rows`` for ``block_r``-row tiles: 0 flat, 1 paged, 2 generic (per-row int64)."""
+    fits = block_r * abs(s2) < 2**31 and R < 2**31
+    if n0 == 1 and n1 == 1 and fits:
+        return 0
+    if n2 % block_r == 0 and fits:
+        return 1
+    return 2
 
 
 # ----------------------------------------------------------------------------------------------
@@ -282,45 +411,80 @@ def _quant_blocks(cp: int):
 # ----------------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op(add_op_namespace_prefix("nvfp4_quantize_128x4"), mutates_args=())
-def _nvfp4_quantize_op(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """x [*lead, D] bf16/fp16 -> (data uint8 [*lead, D/2], scale uint8 [R', C'], global_scale fp32 [1])."""
-    lead = tuple(x.shape[:-1])
-    D = int(x.shape[-1])
-    R = _prod(lead)
-    C = D // 16
-    RP, CP = _round_up(R, 128), _round_up(C, 4)
-    dev = x.device
-    data = torch.empty(*lead, D // 2, dtype=torch.uint8, device=dev)
-    scale = torch.empty(RP, CP, dtype=torch.uint8, device=dev)
-    if R == 0 or D == 0:
-        scale.zero_()
-        return data, scale, torch.zeros(1, dtype=torch.float32, device=dev)
-    if dev.type == "cpu" and x.dtype == torch.bfloat16:
-        # the interpreter's bf16 handling is unreliable; bf16 -> fp32 is exact
-        x = x.float()
-    x, (n0, n1, n2), (s0, s1, s2, sD) = _collapse_lead(x)
-    BR, BC = _quant_blocks(CP)
-    grid = (triton.cdiv(RP, BR), triton.cdiv(CP, BC))
-    parts = torch.empty(grid[0] * grid[1], dtype=torch.float32, device=dev)
-    _nvfp4_amax_kernel[grid](x, parts, R, C, n1, n2, s0, s1, s2, sD, BLOCK_R=BR, BLOCK_C=BC)
-    amax = parts.amax().reshape(1)
-    _nvfp4_quant_kernel[grid](x, amax, data, scale, R, C, RP, CP, n1, n2, s0, s1, s2, sD,
-                              BLOCK_R=BR, BLOCK_C=BC)
-    gs = nvfp4_global_scale_from_amax(amax)
-    return data, scale, gs
-
-
-@_nvfp4_quantize_op.register_fake
-def _(x):
+def _quant_outputs(x: torch.Tensor):
+    """Empty (data uint8 [*lead, D/2], scale uint8 [R', C'], global_scale fp32 [1]) for ``x [*lead, D]``."""
     lead = tuple(x.shape[:-1])
     D = x.shape[-1]
     R = _prod(lead)
-    C = D // 16
     data = x.new_empty((*lead, D // 2), dtype=torch.uint8)
-    scale = x.new_empty((_round_up(R, 128), _round_up(C, 4)), dtype=torch.uint8)
-    gs = x.new_empty((1,), dtype=torch.float32)
-    return data, scale, gs
+    scale = x.new_empty((_round_up(R, 128), _round_up(D // 16, 4)), dtype=torch.uint8)
+    return data, scale, x.new_empty((1,), dtype=torch.float32)
+
+
+@torch.library.custom_op(add_op_namespace_prefix("nvfp4_quantize_128x4"), mutates_args=())
+def _nvfp4_quantize_op(x: torch.Tensor, y: Optional[torch.Tensor] = None) -> List[torch.Tensor]:
+    """x [*lead, D] bf16/fp16 -> [data uint8 [*lead, D/2], scale uint8 [R', C'], global_scale fp32 [1]].
+
+    With ``y`` (same shape, dtype and strides as ``x``, quantised independently: own amax and global scale)
+    the list continues with y's three outputs; both tensors share each launch. Two launches: the amax pass
+    (grid-stride partials, at most ``_NP`` per tensor), then the quantise pass, which reduces the partials
+    and writes codes, swizzled scales and the global scale.
+    """
+    if y is not None and (y.shape != x.shape or y.stride() != x.stride() or y.dtype != x.dtype
+                          or y.device != x.device):
+        raise ValueError("y must have x's shape, strides, dtype and device")
+    outs = list(_quant_outputs(x)) + (list(_quant_outputs(y)) if y is not None else [])
+    D = int(x.shape[-1])
+    R = _prod(tuple(x.shape[:-1]))
+    C = D // 16
+    RP, CP = _round_up(R, 128), _round_up(C, 4)
+    dev = x.device
+    if R == 0 or D == 0:
+        for i in range(0, len(outs), 3):
+            outs[i + 1].zero_()
+            outs[i + 2].zero_()
+        return outs
+    if dev.type == "cpu" and x.dtype == torch.bfloat16:
+        # the interpreter's bf16 handling is unreliable; bf16 -> fp32 is exact
+        x = x.float()
+        y = y.float() if y is not None else None
+    if int(x.stride(-1)) * D >= 2**31:  # 32-bit in-row offsets
+        x = x.contiguous()
+        y = y.contiguous() if y is not None else None
+    # identical shapes and strides collapse identically (both copied or neither)
+    xc, (n0, n1, n2), (s0, s1, s2, sD) = _collapse_lead(x)
+    yc = _collapse_lead(y)[0] if y is not None else None
+    pair = yc is not None
+    ny = 2 if pair else 1
+    if dev.type == "cuda":
+        sms, hw_cvt = _cuda_caps(dev.index if dev.index is not None else torch.cuda.current_device())
+        cap = max(1, min(_NP, _CTAS_PER_SM * sms // ny))
+        NP = _NP
+    else:  # interpreter: few programs, so the grid-stride loops run several tiles each
+        cap, NP, hw_cvt = 3, 4, False
+    BRA, BDA, wa = _amax_blocks(D)
+    n_ct_a = triton.cdiv(D, BDA)
+    n_tiles_a = triton.cdiv(R, BRA) * n_ct_a
+    ga = min(n_tiles_a, cap)
+    parts = torch.empty(ga * ny, dtype=torch.float32, device=dev)
+    _nvfp4_amax_kernel[(ga * ny,)](xc, yc if pair else xc, parts, R, D, n_tiles_a, n_ct_a, n1, n2, s0, s1, s2, sD,
+                                   BLOCK_R=BRA, BLOCK_D=BDA, ROWS=_rows_mode(n0, n1, n2, s0, s1, s2, BRA, R),
+                                   STAGES=_STAGES, PAIR=pair, num_warps=wa)
+    n_ct = CP // 4
+    n_tiles = (RP // 128) * n_ct
+    gq = min(n_tiles, cap)
+    d, sc, gs = outs[0].view(torch.int32), outs[1], outs[2]
+    dy, scy, gsy = (outs[3].view(torch.int32), outs[4], outs[5]) if pair else (d, sc, gs)
+    _nvfp4_quant_kernel[(gq * ny,)](xc, yc if pair else xc, parts, ga, d, dy, sc, scy, gs, gsy,
+                                    R, C, CP, n_tiles, n_ct, n1, n2, s0, s1, s2, sD,
+                                    NP=NP, ROWS=_rows_mode(n0, n1, n2, s0, s1, s2, 128, R), HW_CVT=hw_cvt,
+                                    STAGES=_STAGES, PAIR=pair, num_warps=_QUANT_WARPS)
+    return outs
+
+
+@_nvfp4_quantize_op.register_fake
+def _(x, y=None):
+    return list(_quant_outputs(x)) + (list(_quant_outputs(y)) if y is not None else [])
 
 
 @torch.library.custom_op(add_op_namespace_prefix("nvfp4_dequant_swizzled_to_bf16"), mutates_args=())
@@ -356,6 +520,17 @@ def _(packed, scale_128x4, global_scale, global_scale_value):
 # ----------------------------------------------------------------------------------------------
 
 
+def _check_quant_input(name: str, x: torch.Tensor):
+    check_tensor(name, x, dtypes=(torch.bfloat16, torch.float16))
+    if x.dim() < 2:
+        raise ValueError(f"{name} must have at least 2 dims, got shape {tuple(x.shape)}")
+    D = int(x.shape[-1])
+    if D % 16 != 0:
+        raise ValueError(f"{name}.shape[-1] must be a multiple of 16, got {D}")
+    if _prod(tuple(int(v) for v in x.shape[:-1])) >= 2**31 - 128:
+        raise ValueError(f"{name} has too many rows ({tuple(x.shape)}): prod(shape[:-1]) must be < 2^31 - 128")
+
+
 def quantize_bf16_to_nvfp4_128x4(x: torch.Tensor) -> Nvfp4QuantizedTensor:
     """Quantise ``x [*lead, D]`` (bf16/fp16, CUDA, any strides, ``D % 16 == 0``) to NVFP4 (API.md §5.8).
 
@@ -363,21 +538,30 @@ def quantize_bf16_to_nvfp4_128x4(x: torch.Tensor) -> Nvfp4QuantizedTensor:
     round_up(D/16,4)], global_scale fp32 [1], (R, D/16), tuple(x.shape))`` with ``R = prod(lead)``.
     Bit-exact implementation of the §5.8 algorithm (whole-tensor amax, E4M3 RNE scales, E2M1 RNE codes).
     """
-    check_tensor("x", x, dtypes=(torch.bfloat16, torch.float16))
-    if x.dim() < 2:
-        raise ValueError(f"x must have at least 2 dims, got shape {tuple(x.shape)}")
-    D = int(x.shape[-1])
-    if D % 16 != 0:
-        raise ValueError(f"x.shape[-1] must be a multiple of 16, got {D}")
+    _check_quant_input("x", x)
     check_devices([("x", x)])
     data, scale, gs = _nvfp4_quantize_op(x)
     R = _prod(tuple(x.shape[:-1]))
-    return Nvfp4QuantizedTensor(data, scale, gs, (R, D // 16), tuple(x.shape))
+    return Nvfp4QuantizedTensor(data, scale, gs, (R, int(x.shape[-1]) // 16), tuple(x.shape))
 
 
 def quantize_kv_bf16_to_nvfp4_128x4(k: torch.Tensor, v: torch.Tensor) -> Tuple[Nvfp4QuantizedTensor, Nvfp4QuantizedTensor]:
-    """Quantise K and V independently (own amax / global scale each), API.md §5.9."""
-    return quantize_bf16_to_nvfp4_128x4(k), quantize_bf16_to_nvfp4_128x4(v)
+    """Quantise K and V independently (own amax / global scale each), API.md §5.9.
+
+    Same as ``(quantize_bf16_to_nvfp4_128x4(k), quantize_bf16_to_nvfp4_128x4(v))``; when k and v have the
+    same shape, strides and dtype, both share one op call (two launches in all instead of four).
+    """
+    _check_quant_input("k", k)
+    _check_quant_input("v", v)
+    check_devices([("k", k)])
+    check_devices([("v", v)])
+    if k.shape != v.shape or k.stride() != v.stride() or k.dtype != v.dtype or k.device != v.device:
+        return quantize_bf16_to_nvfp4_128x4(k), quantize_bf16_to_nvfp4_128x4(v)
+    dk, sk, gk, dv, sv, gv = _nvfp4_quantize_op(k, v)
+    R = _prod(tuple(k.shape[:-1]))
+    C = int(k.shape[-1]) // 16
+    return (Nvfp4QuantizedTensor(dk, sk, gk, (R, C), tuple(k.shape)),
+            Nvfp4QuantizedTensor(dv, sv, gv, (R, C), tuple(v.shape)))
 
 
 def _as_bytes(t: torch.Tensor) -> torch.Tensor:
@@ -493,21 +677,50 @@ def native_nvfp4_dequant_swizzled_to_bf16(packed: torch.Tensor, scale_128x4: tor
 # ----------------------------------------------------------------------------------------------
 
 def aot_configs(arch: int, full: bool = False):
-    """Quantiser / dequantiser launch configurations (Triton defaults: 4 warps, 3 stages), from ``_quant_blocks``
-    (``C' = round_up(D/16, 4)``: BLOCK_C 4/8/16) and the dequantiser's ``BLOCK_B = min(next_pow2(D/2), 64)``
-    (8..64, D a multiple of 16). Input bf16/fp16 (CI: bf16)."""
+    """Quantiser / dequantiser launch configurations (``num_stages`` 3; the two quantiser loops pipeline with
+    ``_STAGES`` through ``tl.range``).
+
+    * ``_nvfp4_amax_kernel``: ``_amax_blocks(D)`` (BLOCK_D = min(next_pow2(D), 256), BLOCK_R = 8192 / BLOCK_D,
+      8 warps), row modes flat / paged / generic, one column tile (D <= 256: ``n_ct`` specialised to 1) or
+      several.
+    * ``_nvfp4_quant_kernel``: 128 x 64 tiles, ``_QUANT_WARPS`` warps, ``NP = _NP`` partials, row modes flat /
+      paged / generic, hardware E4M3 conversion (every CUDA target here is sm_89+; the integer encoder is the
+      interpreter's path, compiled only with ``full``), ``n_ct`` 1 (D <= 64) or more.
+    * Both: single tensor or ``PAIR`` (``quantize_kv_bf16_to_nvfp4_128x4`` with K / V of equal layout).
+    * ``_nvfp4_dequant_kernel``: ``BLOCK_B = min(next_pow2(D/2), 64)`` (8..64, D a multiple of 16), 4 warps.
+    Input bf16/fp16 (CI: bf16)."""
     from ._aot import AotConfig, dedupe
 
     out = []
     row = dict(R="i32", C="i32", n1="i32", n2="i32", s0="i32:D", s1="i32:D", s2="i32:D", sD=1)
+    # CI subset: every tile shape class and each row mode / PAIR / n_ct value at least once
+    ci_amax = {(128, 0, False), (128, 1, True), (16, 2, False), (512, 0, True), (64, 1, False)}
+    ci_quant = {(1, 0, False), ("i32", 1, True), ("i32", 2, False), (1, 0, True)}
     for xd in (("bf16", "fp16") if full else ("bf16",)):
-        for cp in (4, 8, 16):
-            br, bc = _quant_blocks(cp)
-            out.append(AotConfig(_nvfp4_amax_kernel, dict(row, x_ptr="*" + xd, part_ptr="*fp32", BLOCK_R=br, BLOCK_C=bc),
-                                 4, 3, f"amax {xd} BR{br} BC{bc}"))
-            out.append(AotConfig(_nvfp4_quant_kernel, dict(row, x_ptr="*" + xd, amax_ptr="*fp32", data_ptr="*u8",
-                                                           scale_ptr="*u8", RP="i32", CP="i32", BLOCK_R=br, BLOCK_C=bc),
-                                 4, 3, f"quant {xd} BR{br} BC{bc}"))
+        for D in (16, 32, 64, 128, 256, 512):
+            br, bd, nw = _amax_blocks(D)
+            for rows in (0, 1, 2):
+                for pair in (False, True):
+                    if not full and (D, rows, pair) not in ci_amax:
+                        continue
+                    args = dict(row, x_ptr="*" + xd, y_ptr="*" + xd, part_ptr="*fp32", D="i32:D", n_tiles="i32",
+                                n_ct=1 if D <= bd else "i32", BLOCK_R=br, BLOCK_D=bd, ROWS=rows, STAGES=_STAGES,
+                                PAIR=pair)
+                    del args["C"]
+                    out.append(AotConfig(_nvfp4_amax_kernel, args, nw, 3,
+                                         f"amax {xd} BR{br} BD{bd} ct{args['n_ct']} rows{rows} pair{int(pair)}"))
+        for n_ct in (1, "i32"):
+            for rows in (0, 1, 2):
+                for hw in ((True, False) if full else (True,)):
+                    for pair in (False, True):
+                        if not full and (n_ct, rows, pair) not in ci_quant:
+                            continue
+                        args = dict(row, x_ptr="*" + xd, y_ptr="*" + xd, part_ptr="*fp32", n_parts="i32",
+                                    data_ptr="*i32", data_y_ptr="*i32", scale_ptr="*u8", scale_y_ptr="*u8",
+                                    gs_ptr="*fp32", gs_y_ptr="*fp32", CP="i32", n_tiles="i32", n_ct=n_ct, NP=_NP,
+                                    ROWS=rows, HW_CVT=hw, STAGES=_STAGES, PAIR=pair)
+                        out.append(AotConfig(_nvfp4_quant_kernel, args, _QUANT_WARPS, 3,
+                                             f"quant {xd} ct{n_ct} rows{rows} hw{int(hw)} pair{int(pair)}"))
     for bb in (8, 16, 32, 64):
         for gs in (False, True):
             out.append(AotConfig(_nvfp4_dequant_kernel, dict(row, p_ptr="*u8", scale_ptr="*u8", gs_ptr="*fp32" if gs else "*u8",
