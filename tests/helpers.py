@@ -81,3 +81,59 @@ def random_index_row(nb: int, topk: int, kind: str) -> torch.Tensor:
         r = torch.randperm(max(nb, 1))[:topk]
         return torch.cat([r, torch.full((topk - r.numel(),), -1)]) if r.numel() < topk else r
     return torch.randint(-2, nb + 3, (topk,))
+
+
+# ---- generic helpers for compile / CUDA-graph tests (tests/test_compile.py, tests/test_cuda_graph.py) ----
+
+_INT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def assert_bitwise_equal(got, want, what="output"):
+    """Recursively compare tensors (and tuples / lists / None / dataclasses / scalars) bit for bit.
+
+    Floating tensors are compared through an integer view, so NaN payloads, -0.0 and -inf count.
+    """
+    import dataclasses
+
+    if isinstance(want, torch.Tensor):
+        assert isinstance(got, torch.Tensor), f"{what}: {type(got).__name__} is not a tensor"
+        assert got.dtype == want.dtype, f"{what}: dtype {got.dtype} != {want.dtype}"
+        assert got.shape == want.shape, f"{what}: shape {tuple(got.shape)} != {tuple(want.shape)}"
+        assert got.device == want.device, f"{what}: device {got.device} != {want.device}"
+        a, b = got.detach().contiguous(), want.detach().contiguous()
+        if a.dtype.is_floating_point or a.dtype.is_complex or a.element_size() == 1:
+            a, b = a.view(_INT_VIEW[a.element_size()]), b.view(_INT_VIEW[b.element_size()])
+        if not torch.equal(a, b):
+            bad = (a != b).nonzero()
+            raise AssertionError(f"{what}: {bad.shape[0]} of {a.numel()} elements differ, first at "
+                                 f"{tuple(bad[0].tolist())}: {got[tuple(bad[0])]} vs {want[tuple(bad[0])]}")
+    elif isinstance(want, (tuple, list)):
+        assert isinstance(got, (tuple, list)) and len(got) == len(want), f"{what}: structure differs"
+        for i, (g, w) in enumerate(zip(got, want)):
+            assert_bitwise_equal(g, w, f"{what}[{i}]")
+    elif dataclasses.is_dataclass(want) and not isinstance(want, type):
+        assert type(got) is type(want), f"{what}: {type(got).__name__} != {type(want).__name__}"
+        for f in dataclasses.fields(want):
+            assert_bitwise_equal(getattr(got, f.name), getattr(want, f.name), f"{what}.{f.name}")
+    else:
+        assert got == want, f"{what}: {got!r} != {want!r}"
+
+
+def capture_cuda_graph(fn, *, warmup=1):
+    """Warm ``fn`` up on a side stream (settles autotuning / lazy init), then capture one call.
+
+    Returns ``(graph, result)``: ``result`` is what the captured call returned; its tensors live in the
+    graph's memory pool and are rewritten by every ``graph.replay()``.
+    """
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        result = fn()
+    torch.cuda.synchronize()
+    return graph, result
