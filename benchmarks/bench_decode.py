@@ -7,7 +7,14 @@
 * ``direct``: ``flash_decode_with_gqa_share_sparse`` on the token-major NHD cache (graph replay);
 * ``torch``: gather the selected pages + SDPA (graph replay), the naive baseline;
 * FP8 (e4m3) KV at B = 64 (target <= 0.6x the bf16 time);
+* NVFP4 KV (packed E2M1 + 128x4 E4M3 scales + global scales, dequantised inside the decode kernel)
+  next to bf16 and fp8 at B = 1 / 8 / 64 (32K): time ratio vs bf16 (target <= 0.4x at B = 64) and
+  bytes (packed + scales) against the copy-bandwidth roofline; both NVFP4 nibble decoders (PTX / portable);
 * a split-policy sweep at B = 1 / 8 (32K), showing the chosen ``num_splits`` per variant.
+
+Environment: ``MSA_DECODE_BENCH=nvfp4`` runs only the NVFP4 comparison (and its sweep);
+``MSA_DECODE_SWEEP=nvfp4`` sweeps NVFP4 launch configs (``NVFP4_CONFIG_OVERRIDES`` candidates) at
+B = 1 / 8 / 64 instead of the bf16 split-policy sweep; ``MSA_DECODE_SWEEP=none`` skips sweeps.
 
 Input sets share one big KV pool (several GB) but use different random page tables / block ids, so
 the rotation touches far more than the 50 MB L2 (``timing.num_sets``). Bandwidth counts K+V bytes
@@ -64,6 +71,120 @@ def _bytes(b, kv_elem):
     return b * HKV * TOPK * BS * D * 2 * kv_elem + 2 * b * HQ * D * 2
 
 
+def _bytes_nvfp4(b):
+    """Selected K+V bytes of NVFP4: D/2 packed bytes + D/16 scale bytes per row, plus q and o (bf16)."""
+    return b * HKV * TOPK * BS * (D // 2 + D // 16) * 2 + 2 * b * HQ * D * 2
+
+
+def run_nvfp4(msa, timing, dk, k_hnd, v_hnd, copy_bw, quick):
+    """NVFP4 KV vs bf16 / fp8 KV (graph replay, 32K): rows, ratios, bytes vs the copy roofline, decoders, sweep."""
+    dev = k_hnd.device
+    qk, qv = msa.quantize_kv_bf16_to_nvfp4_128x4(k_hnd, v_hnd)
+    k8, v8 = k_hnd.to(torch.float8_e4m3fn), v_hnd.to(torch.float8_e4m3fn)
+    ctx = 32768
+    rows = []
+
+    def fp4_call(q, pt, sk, idx):
+        return msa.sparse_decode_atten_func(q, qk.data, qv.data, idx, page_table=pt, seqused_k=sk, seqlen_q=1,
+                                            max_seqlen_k=ctx, k_scale_128x4=qk.scale_128x4,
+                                            v_scale_128x4=qv.scale_128x4, k_global_scale=qk.global_scale,
+                                            v_global_scale=qv.global_scale)
+
+    for b in ((64,) if quick else (1, 8, 64)):
+        sets = _make_sets(b, ctx, timing.num_sets(_bytes_nvfp4(b)), dev)
+        us = {}
+        for name, (k, v, nbytes) in (("bf16", (k_hnd, v_hnd, _bytes(b, 2))), ("fp8 e4m3", (k8, v8, _bytes(b, 1)))):
+            us[name] = timing.bench_graph(lambda q, pt, sk, idx: msa.sparse_decode_atten_func(
+                q, k, v, idx, page_table=pt, seqused_k=sk, seqlen_q=1, max_seqlen_k=ctx), sets)
+            rows.append({"B": b, "KV": name, "us graph": us[name], "MB": nbytes / 1e6,
+                         "roofline us": nbytes / copy_bw * 1e6, "%copy": 100 * nbytes / (us[name] * 1e-6) / copy_bw,
+                         "x bf16": us[name] / us["bf16"]})
+        p = dk.make_plan(dev, B=b, Hkv=HKV, G=HQ // HKV, SQ=1, D=D, BS=BS, topk=TOPK, hint_blocks=0, nvfp4=True)
+        decs = ("1", "0") if b == 64 else ("1",)
+        saved = os.environ.get("MSA_DECODE_FP4_DEC")
+        try:
+            for d in decs:
+                os.environ["MSA_DECODE_FP4_DEC"] = d
+                t = timing.bench_graph(fp4_call, sets)
+                nb = _bytes_nvfp4(b)
+                rows.append({"B": b, "KV": f"nvfp4 dec{d}" + (" (ptx)" if d == "1" else " (portable)"), "us graph": t,
+                             "MB": nb / 1e6, "roofline us": nb / copy_bw * 1e6,
+                             "%copy": 100 * nb / (t * 1e-6) / copy_bw, "x bf16": t / us["bf16"],
+                             "x fp8": t / us["fp8 e4m3"], "splits": p.num_splits})
+                print("row nvfp4", b, d, f"{t:.2f} us ({t / us['bf16']:.3f}x bf16)", flush=True)
+            if b == 64:  # the wrapper (plan once, one launch per run, no per-call memset)
+                os.environ["MSA_DECODE_FP4_DEC"] = "1"
+                wsets = []
+                for (q, pt, sk, idx) in sets:
+                    w = msa.SparseDecodePagedAttentionWrapper().plan(
+                        page_table=pt, seqused_k=sk, seqlen_q=1, max_seqlen_k=ctx, q2k_indices=idx,
+                        num_qo_heads=HQ, num_kv_heads=HKV, head_dim=D)
+                    wsets.append((w, q, torch.empty_like(q)))
+                t = timing.bench_graph(lambda w, q, o: w.run(q, qk, qv, out=o), wsets)
+                rows.append({"B": b, "KV": "nvfp4 wrapper", "us graph": t, "MB": _bytes_nvfp4(b) / 1e6,
+                             "roofline us": _bytes_nvfp4(b) / copy_bw * 1e6,
+                             "%copy": 100 * _bytes_nvfp4(b) / (t * 1e-6) / copy_bw, "x bf16": t / us["bf16"],
+                             "x fp8": t / us["fp8 e4m3"], "splits": p.num_splits})
+                del wsets
+        finally:
+            if saved is None:
+                os.environ.pop("MSA_DECODE_FP4_DEC", None)
+            else:
+                os.environ["MSA_DECODE_FP4_DEC"] = saved
+        del sets
+    timing.print_table(rows, ["B", "KV", "splits", "us graph", "MB", "roofline us", "%copy", "x bf16", "x fp8"],
+                       title="NVFP4 KV vs bf16 / fp8 KV, 32K, graph replay (target at B = 64: x bf16 <= 0.4); "
+                             "MB = selected K+V (+ q, o) bytes, roofline = MB / copy BW")
+
+    # NVFP4 launch-config sweep (NVFP4_CONFIG_OVERRIDES candidates x decoder)
+    sweep = []
+    if os.environ.get("MSA_DECODE_SWEEP", "") == "nvfp4":
+        major = torch.cuda.get_device_properties(dev).major
+        key = major if major in dk.DECODE_CONFIGS else 9
+        saved_over = dict(dk.NVFP4_CONFIG_OVERRIDES)
+        # variants replace the NVFP4 override of this major (on top of the bf16 DECODE_CONFIGS entry); the
+        # m_cap cap (needed to compile on sm_10x / sm_12x) is kept. "default" = the shipped overrides.
+        keep = {k2: v2 for k2, v2 in saved_over.get(key, {}).items() if k2 == "m_cap"}
+        w4, w8 = {64: 4, 128: 4, 256: 8}, {64: 4, 128: 8, 256: 8}
+        bn128 = {64: 64, 128: 128, 256: 32}
+        variants = [None, dict(num_warps=w4), dict(num_warps=w8), dict(num_warps=w8, ctas_per_sm=2),
+                    dict(num_warps=w4, ctas_per_sm=2), dict(num_warps=w8, num_stages=2),
+                    dict(num_warps=w8, num_stages=4), dict(num_warps=w4, block_n=bn128, num_stages=2),
+                    dict(num_warps=w8, block_n=bn128, num_stages=2)]
+        for b in (1, 8, 64):
+            sets = _make_sets(b, ctx, timing.num_sets(_bytes_nvfp4(b)), dev)
+            for var in variants:
+                for d in ("1", "0") if var is None else ("1",):
+                    if var is not None:
+                        dk.NVFP4_CONFIG_OVERRIDES[key] = dict(keep, **var)
+                    dk.make_plan.cache_clear()
+                    os.environ["MSA_DECODE_FP4_DEC"] = d
+                    try:
+                        p = dk.make_plan(dev, B=b, Hkv=HKV, G=HQ // HKV, SQ=1, D=D, BS=BS, topk=TOPK, hint_blocks=0,
+                                         nvfp4=True)
+                        t = timing.bench_graph(fp4_call, sets)
+                        r = {"B": b, "variant": ("default" if var is None else str(var)) + f" dec{d}",
+                             "splits": p.num_splits, "warps": p.num_warps, "stages": p.num_stages, "us graph": t,
+                             "%copy": 100 * _bytes_nvfp4(b) / (t * 1e-6) / copy_bw}
+                        sweep.append(r)
+                        print("sweep nvfp4", {k2: (round(v2, 2) if isinstance(v2, float) else v2)
+                                              for k2, v2 in r.items()}, flush=True)
+                    except Exception as e:  # a variant that does not compile / fit must not hide the others
+                        print("sweep nvfp4", b, var, d, "FAILED", type(e).__name__, str(e)[:200], flush=True)
+                    finally:
+                        dk.NVFP4_CONFIG_OVERRIDES.clear()
+                        dk.NVFP4_CONFIG_OVERRIDES.update(saved_over)
+                        dk.make_plan.cache_clear()
+                        os.environ.pop("MSA_DECODE_FP4_DEC", None)
+            del sets
+        timing.print_table(sweep, ["B", "variant", "splits", "warps", "stages", "us graph", "%copy"],
+                           title="NVFP4 launch-config sweep (32K, graph replay; set the winner in "
+                                 "decode_kernel.NVFP4_CONFIG_OVERRIDES / FP4_DEC_GPU_DEFAULT)")
+    del qk, qv, k8, v8
+    torch.cuda.empty_cache()
+    return rows + sweep
+
+
 def run(msa, timing):
     dev = torch.device("cuda")
     dk = importlib.import_module(msa.__name__ + ".decode_kernel")
@@ -77,6 +198,9 @@ def run(msa, timing):
     k_hnd = k_view.contiguous()
     v_hnd = v_view.contiguous()
     rows = []
+    if os.environ.get("MSA_DECODE_BENCH", "") == "nvfp4":
+        del kc, vc, k_view, v_view
+        return run_nvfp4(msa, timing, dk, k_hnd, v_hnd, copy_bw, quick)
 
     def row(kind, b, ctx, us, eager=None, kv_elem=2, **extra):
         nbytes = _bytes(b, kv_elem)
@@ -150,6 +274,9 @@ def run(msa, timing):
                        title="FP8 KV vs bf16 KV (target fp8/bf16 <= 0.6)")
     del k8, v8, sets
 
+    # NVFP4 KV next to bf16 / fp8 (B = 1 / 8 / 64)
+    rows += run_nvfp4(msa, timing, dk, k_hnd, v_hnd, copy_bw, quick)
+
     # split-policy / tile sweep (32K): which configuration wins on this card. Rows are printed as
     # they are measured. MSA_DECODE_SWEEP=wide adds tile-size / pipelining variants and B = 64.
     sweep = []
@@ -167,7 +294,7 @@ def run(msa, timing):
     elif not quick:
         variants += [dict(num_stages=2), dict(num_warps={128: 8}), dict(block_n={128: 128}, num_stages=2)]
     sweep_b = (1, 8, 64) if wide else ((1, 8) if not quick else (1,))
-    if os.environ.get("MSA_DECODE_SWEEP", "") == "none":
+    if os.environ.get("MSA_DECODE_SWEEP", "") in ("none", "nvfp4"):
         sweep_b = ()
     for b in sweep_b:
         sets = _make_sets(b, 32768, timing.num_sets(_bytes(b, 2)), dev)

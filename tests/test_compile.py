@@ -326,7 +326,12 @@ def test_opcheck(device, dt, name):
         try:
             # all four default checks: test_schema, test_autograd_registration, test_faketensor,
             # test_aot_dispatch_dynamic (mutated workspaces / out buffers are declared, so all apply)
-            res = opcheck(op, args)
+            # except test_schema with fp8 tensor arguments: its mutation check calls torch.allclose, which
+            # torch does not implement for float8_e4m3fn ("mul_cuda" not implemented) - a torch limitation
+            has_fp8 = any(isinstance(a, torch.Tensor) and a.dtype == torch.float8_e4m3fn for a in args)
+            utils = tuple(u for u in ("test_schema", "test_autograd_registration", "test_faketensor",
+                                      "test_aot_dispatch_dynamic") if not (has_fp8 and u == "test_schema"))
+            res = opcheck(op, args, test_utils=utils)
         except Exception as e:  # name the case in the failure
             raise AssertionError(f"opcheck {name}[{label}] failed: {e}") from e
         finally:

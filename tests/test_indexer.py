@@ -370,3 +370,238 @@ def test_decode_indexer_errors(device):
         flash_decode_with_topk_idx(*args[:5], sl[:1], *args[6:], disable_index_value=True)
     with pytest.raises(ValueError):
         flash_decode_with_topk_idx(*args, disable_index_value=True, use_dense_main_attn=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# decode block scores: chunked grid (request, KV head, chunk of tiles), shared K tile for all Q heads
+# ------------------------------------------------------------------------------------------------
+
+def _scores_op(q, kc, r2t, seq_lens, slot_ids, nbw, bs, scale, lse):
+    """Run the score op on fresh NaN-poisoned memory (the caching allocator hands the block back on CUDA)."""
+    B, Hq, _ = q.shape
+    torch.full((Hq, B, max(nbw, 1)), float("nan"), device=q.device).fill_(float("nan"))
+    return ix._decode_block_scores_op(q, kc, r2t, seq_lens, slot_ids, nbw, bs, scale, lse)
+
+
+def _check_scores(got, ref, atol=1e-3):
+    got = got.cpu()
+    assert got.dtype == torch.float32 and got.shape == ref.shape
+    assert not torch.isnan(got).any(), "unwritten / NaN scores"
+    assert torch.equal(torch.isneginf(got), torch.isneginf(ref)), "-inf pattern differs"
+    fin = torch.isfinite(ref)
+    torch.testing.assert_close(got[fin].double(), ref[fin], atol=atol, rtol=1e-3)
+
+
+@pytest.fixture
+def score_cfg(monkeypatch):
+    """Override the launch entry of the device the tests run on (interpreter: None; CUDA: its capability major)."""
+    major = torch.cuda.get_device_capability()[0] if torch.cuda.is_available() else None
+
+    def set_cfg(tn=None, progs_per_sm=None, max_tpp=None):
+        base = dict(ix.decode_score_config(major))
+        if tn is not None:
+            base["tn"] = {64: tn, 128: tn, 256: tn}
+        if progs_per_sm is not None:
+            base["progs_per_sm"] = progs_per_sm
+        if max_tpp is not None:
+            base["max_tpp"] = max_tpp
+        monkeypatch.setitem(ix.DECODE_SCORE_CONFIGS, major, base)
+        return base
+    return set_cfg
+
+
+def _ragged_case(B, Hq, Hkv, D, max_slots, width, lens, n_rows=None, dtype=torch.float16):
+    q = torch.randn(B, Hq, D, dtype=dtype)
+    kc = torch.randn(max_slots, Hkv, D, dtype=dtype)
+    r2t = torch.randint(-2 * max_slots, 2 * max_slots, (n_rows or B + 2, width), dtype=torch.int32)
+    seq_lens = torch.tensor(lens, dtype=torch.int32)
+    slot_ids = torch.randperm(n_rows or B + 2)[:B].to(torch.int32)
+    return q, kc, r2t, seq_lens, slot_ids
+
+
+@pytest.mark.parametrize("bs,tn,max_tpp", [(16, 32, 3), (32, 32, 4), (64, 32, 1), (64, 32, 3), (16, 64, 2)])
+@pytest.mark.parametrize("lse", [False, True])
+def test_decode_scores_chunked(device, score_cfg, bs, tn, max_tpp, lse):
+    """Tiles of tn tokens (whole blocks per tile when bs <= tn, several tiles per block when bs > tn), several
+    tiles per program (progs_per_sm tiny -> max_tpp bites), ragged lengths incl. 0 and > width, out-of-range
+    and negative req_to_token entries (mod max_slots), B = 5, GQA 2 Q heads per KV head."""
+    score_cfg(tn=tn, progs_per_sm=1, max_tpp=max_tpp)
+    B, Hq, Hkv, D, width = 5, 4, 2, 64, 200
+    lens = [200, 0, 37, 129, 500]  # 500 > width: clamped
+    q, kc, r2t, seq_lens, slot_ids = _ragged_case(B, Hq, Hkv, D, 97, width, lens)
+    scale = 0.2
+    nbw = -(-width // bs)
+    args = [t.to(device) for t in (q, kc, r2t, seq_lens, slot_ids)]
+    got = _scores_op(*args, nbw, bs, scale, lse)
+    _check_scores(got, _decode_ref_scores(q, kc, r2t, seq_lens, slot_ids, bs, nbw, scale, lse))
+    if not lse:  # chunking never changes a max score: same tile -> bitwise equal whatever tiles per program
+        score_cfg(tn=tn, progs_per_sm=1000, max_tpp=1)
+        assert torch.equal(_scores_op(*args, nbw, bs, scale, lse), got)
+
+
+def test_decode_scores_short_width_and_bad_slots(device, score_cfg):
+    """NB < ceil(L/bs) (max_seqlen below the lengths: nothing past NB written), slot_ids outside [0, max_reqs)
+    (contract violation: the request reads nothing and scores -inf), all lengths 0, G = 1 and G = 8."""
+    score_cfg(tn=32, progs_per_sm=1, max_tpp=2)
+    B, D, width, bs = 4, 64, 96, 16
+    for Hq, Hkv in ((2, 2), (8, 1)):
+        q, kc, r2t, seq_lens, slot_ids = _ragged_case(B, Hq, Hkv, D, 50, width, [96, 80, 5, 60], n_rows=4)
+        slot_ids = torch.tensor([1, 4, -1, 3], dtype=torch.int32)  # 4 and -1 are out of range
+        got = _scores_op(q.to(device), kc.to(device), r2t.to(device), seq_lens.to(device), slot_ids.to(device),
+                         3, bs, 0.125, False).cpu()
+        ref = _decode_ref_scores(q, kc, r2t, seq_lens, slot_ids.clamp(0, 3), bs, 3, 0.125, False)
+        ref[:, 1:3] = -math.inf
+        _check_scores(got, ref)
+    zero = torch.zeros(B, dtype=torch.int32)
+    got = _scores_op(q.to(device), kc.to(device), r2t.to(device), zero.to(device), slot_ids.clamp(0, 3).to(device),
+                     6, bs, 0.125, True)
+    assert torch.isneginf(got).all()
+
+
+def test_decode_scores_int64_indices_strided(device, score_cfg):
+    """int64 req_to_token / seq_lens / slot_ids, non-contiguous seq_lens / slot_ids and q."""
+    score_cfg(tn=32, progs_per_sm=1, max_tpp=2)
+    B, Hq, Hkv, D, width, bs = 3, 4, 1, 64, 80, 32
+    q, kc, r2t, seq_lens, slot_ids = _ragged_case(B, Hq, Hkv, D, 64, width, [80, 33, 1])
+    q_nc = torch.randn(B, Hq, 2 * D, dtype=q.dtype)[..., ::2]
+    sl = torch.stack([seq_lens, seq_lens + 7], 1).long()[:, 0]
+    si = torch.stack([slot_ids, slot_ids], 1).long()[:, 1]
+    nbw = -(-width // bs)
+    got = _scores_op(q_nc.to(device), kc.to(device), r2t.long().to(device), sl.to(device), si.to(device), nbw, bs,
+                     0.3, False)
+    _check_scores(got, _decode_ref_scores(q_nc, kc, r2t, seq_lens, slot_ids, bs, nbw, 0.3, False))
+
+
+@pytest.mark.kernels_ci
+@pytest.mark.parametrize("init_blocks,local_blocks", [(0, 1), (1, 2)])
+def test_decode_indexer_selection_chunked(device, score_cfg, init_blocks, local_blocks):
+    """End to end with several tiles per program: selection equals the exact order on the kernel's scores."""
+    score_cfg(tn=32, progs_per_sm=1, max_tpp=4)
+    B, Hq, Hkv, D, width, bs, topk = 5, 4, 1, 64, 256, 16, 5
+    q, kc, r2t, seq_lens, slot_ids = _ragged_case(B, Hq, Hkv, D, 300, width, [256, 0, 17, 150, 96])
+    args = [t.to(device) for t in (q, kc, r2t, seq_lens, slot_ids)]
+    _, idx, _ = flash_decode_with_topk_idx(args[0], None, args[1], None, args[2], args[3], width, args[4], bs, topk,
+                                           init_blocks, local_blocks, sm_scale=0.1, disable_index_value=True)
+    sc = _scores_op(*args, width // bs, bs, 0.1, False).cpu()
+    _check_scores(sc, _decode_ref_scores(q, kc, r2t, seq_lens, slot_ids, bs, width // bs, 0.1, False))
+    assert torch.equal(idx.cpu(), _ref_select(sc, seq_lens, width, bs, topk, init_blocks, local_blocks))
+
+
+def test_decode_scores_opcheck(device, score_cfg):
+    score_cfg(tn=32, progs_per_sm=1, max_tpp=2)
+    q, kc, r2t, seq_lens, slot_ids = _ragged_case(2, 4, 1, 64, 40, 64, [64, 20])
+    args = tuple(t.to(device) for t in (q, kc, r2t, seq_lens, slot_ids)) + (4, 16, 0.125, False)
+    torch.library.opcheck(ix._decode_block_scores_op, args)
+
+
+def test_decode_score_plan_and_aot_table():
+    """Plans cover every block exactly once (tiles_per_prog a multiple of the tiles per block) and every
+    per-arch entry is in the AOT list."""
+    for major in (None, 9, 10, 12):
+        cfg = ix.decode_score_config(major)
+        for D in (64, 128, 256):
+            for bs in (16, 32, 64, 128, 256, 512):
+                for NB, rows, sms in ((1, 1, 132), (1024, 32, 132), (256, 1, 132), (7, 5, 8), (3, 40, 48)):
+                    TN, tpp, n_chunks = ix.decode_score_plan(cfg, D, bs, NB, rows, sms)
+                    tpb = max(1, bs // TN)
+                    assert tpp % tpb == 0 and 1 <= tpp
+                    assert n_chunks * tpp * TN >= NB * bs and (n_chunks - 1) * tpp * TN < NB * bs
+    for arch in (90, 100, 120, 121):
+        cfg = ix.decode_score_config(arch // 10)
+        aot = [c for c in ix.aot_configs(arch) if c.fn.__name__ == "_decode_block_scores_kernel"]
+        assert {(c.args["D"], c.args["TN"]) for c in aot} == {(D, cfg["tn"][D]) for D in (64, 128, 256)}
+        assert {(c.num_warps, c.num_stages) for c in aot} == {(cfg["num_warps"], cfg["num_stages"])}
+        assert any(c.args["D"] == 128 and c.args["BS"] == 128 and c.args["q_ptr"] == "*bf16" and not c.args["LSE"]
+                   and c.args["GP"] == 16 for c in aot)  # the M3 launch
+
+
+def _m3_case(dev, lens, width, dtype=torch.bfloat16, kdtype=None, Hq=4, Hkv=1, D=128, shuffle=True):
+    """Paged token-major cache: 128-token pages in shuffled order through req_to_token."""
+    B = len(lens)
+    pages = width // 128
+    n_rows = B + 1
+    kc = torch.randn(n_rows * width, Hkv, D, device=dev, dtype=dtype)
+    if kdtype is not None:
+        kc = (kc.float() * 4).to(kdtype)
+    perm = torch.randperm(n_rows * pages, device=dev) if shuffle else torch.arange(n_rows * pages, device=dev)
+    r2t = (perm.view(n_rows, pages).unsqueeze(-1) * 128 + torch.arange(128, device=dev)).view(n_rows, width)
+    q = torch.randn(B, Hq, D, device=dev, dtype=dtype)
+    seq_lens = torch.tensor(lens, device=dev, dtype=torch.int32)
+    slot_ids = torch.randperm(n_rows, device=dev)[:B].to(torch.int32)
+    return q, kc, r2t.to(torch.int32), seq_lens, slot_ids
+
+
+def _gpu_ref_scores(q, kc, r2t, seq_lens, slot_ids, bs, nbw, scale, lse):
+    """float64 reference on the GPU (vectorised): [Hq, B, nbw]."""
+    B, Hq, D = q.shape
+    Hkv = kc.shape[1]
+    G = Hq // Hkv
+    width = r2t.shape[1]
+    out = torch.full((Hq, B, nbw), -math.inf, dtype=torch.float64, device=q.device)
+    for b in range(B):
+        L = max(0, min(int(seq_lens[b]), width))
+        if L == 0:
+            continue
+        tok = r2t[int(slot_ids[b]), :L].long() % kc.shape[0]
+        k = kc[tok].double()  # [L, Hkv, D]
+        z = torch.einsum("lgd,gjd->gjl", k, q[b].double().view(Hkv, G, D)).reshape(Hq, L) * scale
+        nb = min(-(-L // bs), nbw)
+        zp = torch.full((Hq, nb * bs), -math.inf, dtype=torch.float64, device=q.device)
+        zp[:, :min(L, nb * bs)] = z[:, :nb * bs]
+        zb = zp.view(Hq, nb, bs)
+        out[:, b, :nb] = torch.logsumexp(zb, -1) if lse else zb.amax(-1)
+    return out.cpu()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kdtype", [None, torch.float8_e4m3fn])
+def test_gpu_decode_indexer_m3_32k(cuda_device, kdtype):
+    """M3 shape at 32K: Hq 4 index heads, one index-key head, D 128, block 128, top-16, local block forced;
+    ragged lengths (full, partial block, 1 token, 0); scores vs float64, selection exact on the kernel's scores
+    and against the float64 scores where there are no near-ties; CUDA-graph replay with new lengths."""
+    width, bs, topk = 32768, 128, 16
+    lens = [32768, 20000, 1, 0, 32767]
+    q, kc, r2t, seq_lens, slot_ids = _m3_case(cuda_device, lens, width, kdtype=kdtype)
+    sc = _scores_op(q, kc, r2t, seq_lens, slot_ids, width // bs, bs, 128 ** -0.5, False)
+    ref = _gpu_ref_scores(q, kc, r2t, seq_lens, slot_ids, bs, width // bs, 128 ** -0.5, False)
+    _check_scores(sc, ref, atol=2e-3)
+
+    def call():
+        return flash_decode_with_topk_idx(q, None, kc, None, r2t, seq_lens, width, slot_ids, bs, topk, 0, 1,
+                                          score_type="max", disable_index_value=True)[1]
+
+    idx = call()
+    assert torch.equal(idx.cpu(), _ref_select(sc.cpu(), seq_lens.cpu(), width, bs, topk, 0, 1))
+    ref_idx = _ref_select(ref.float(), seq_lens.cpu(), width, bs, topk, 0, 1)
+    rows_same = (idx.cpu() == ref_idx).all(-1)
+    assert rows_same.float().mean() >= 0.9  # differences only from fp32-vs-float64 near-ties
+    # CUDA graph: capture once, replay with other lengths / slots
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        call()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        idx_g = call()
+    seq_lens.copy_(torch.tensor([100, 32768, 4097, 129, 0], device=cuda_device, dtype=torch.int32))
+    slot_ids.copy_(slot_ids.flip(0))
+    g.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(idx_g, call())
+    sc2 = _scores_op(q, kc, r2t, seq_lens, slot_ids, width // bs, bs, 128 ** -0.5, False)
+    assert torch.equal(idx_g.cpu(), _ref_select(sc2.cpu(), seq_lens.cpu(), width, bs, topk, 0, 1))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("D,bs,Hq,Hkv,lse", [(128, 16, 4, 1, False), (128, 512, 4, 1, True), (64, 64, 8, 2, True),
+                                             (256, 128, 16, 1, False), (128, 256, 64, 1, False),
+                                             (128, 128, 4, 1, True)])
+def test_gpu_decode_scores_configs(cuda_device, D, bs, Hq, Hkv, lse):
+    """The GPU launch table across head dims, block sizes (whole blocks per tile / tiles per block), GQA up to 64
+    and lse; bf16, ragged lengths incl. 0; unwritten blocks would show as NaN."""
+    width = 4096
+    q, kc, r2t, seq_lens, slot_ids = _m3_case(cuda_device, [4096, 1000, 0, 129], width, Hq=Hq, Hkv=Hkv, D=D)
+    nbw = width // bs
+    sc = _scores_op(q, kc, r2t, seq_lens, slot_ids, nbw, bs, D ** -0.5, lse)
+    _check_scores(sc, _gpu_ref_scores(q, kc, r2t, seq_lens, slot_ids, bs, nbw, D ** -0.5, lse), atol=2e-3)

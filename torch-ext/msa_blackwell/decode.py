@@ -22,6 +22,39 @@ MMA shapes and accumulation order are the same as for bf16 KV, but the two are d
 compilations, so the result is within bf16 tolerance of running on ``k.to(bfloat16)`` (API: MUST)
 and not guaranteed bitwise equal to it (API: SHOULD; a documented deviation, checked by the tests
 with a tolerance and a warning that reports the difference).
+
+NVFP4 K/V (package extension; the spec's 5.1 / 5.2 are silent on it, so the decode path follows the
+conventions of 5.13 ``sparse_atten_nvfp4_kv_func``):
+
+- ``sparse_decode_atten_func(..., k_scale_128x4=None, v_scale_128x4=None, k_global_scale=None,
+  v_global_scale=None)`` and ``SparseDecodePagedAttentionWrapper.run(q, k, v, *, k_scale_128x4=...,
+  v_scale_128x4=..., k_global_scale=..., v_global_scale=..., ...)``. When ``k``/``v`` are uint8 they are
+  packed E2M1 paged HND ``[num_pages, Hkv, 128, 64]`` (head dim 128; byte j of a row = element 2j in
+  the low nibble, 2j+1 in the high nibble; any strides). Scales: uint8 2-D 128x4-swizzled E4M3 bytes,
+  read as logical row-major flat buffers with C = 8 (a non-contiguous scale tensor is copied per call),
+  at least ``round_up(num_pages*Hkv*128, 128) x 8`` elements; the scale row of (page, head h, slot s)
+  is ``(page*Hkv + h)*128 + s`` (what ``quantize_kv_bf16_to_nvfp4_128x4`` of the HND cache produces).
+  Global scales: fp32 tensors, element 0 read on the device (no host sync), or None (= 1.0).
+  ``k``/``v`` may also be ``Nvfp4QuantizedTensor``s (unpacked into data, scale_128x4, global_scale).
+- Errors: scales / global scales with non-uint8 k/v, uint8 k/v without both scales, or an
+  ``Nvfp4QuantizedTensor`` together with explicit scales for it: ValueError naming the argument;
+  otherwise 5.13's table (k/v or scales not uint8, global scale not fp32: TypeError; shapes, packed
+  dim != 64, scale rank / columns / size, empty global scale, page dim != blk_kv: ValueError; head
+  dim, blk_kv, GQA: MsaUnsupportedError) plus 5.1's metadata checks. q: bf16 / fp16 / fp8; output bf16
+  for fp8 q, else q's dtype. ``flash_decode_with_gqa_share_sparse`` rejects NVFP4 caches
+  (MsaUnsupportedError).
+- Semantics: attention over ``K = e2m1(k) * E4M3(k_scale) * k_global`` and likewise V (LSE included).
+  The dequantisation is fused into the decode kernel (``decode_kernel._fp4_kv_tiles``): every K/V tile
+  is read as packed bytes + scale bytes and decoded in registers (bf16 K/V are never materialised).
+  The MMAs run in fp16 for every q dtype with exact operands (tile value ``e2m1 * scale * 2^-7``; bf16
+  / fp8 q scaled per row by a power of two into fp16), ``k_global`` and the 2^7 fold into the logit
+  scale inside the kernel (so the LSE is that of attention over the dequantised K), ``v_global`` and
+  the 2^7 multiply the final output once (split partials stay unscaled). Accuracy: P is rounded to
+  fp16 before PV (finer than bf16 P on the native path); within API.md 3.5's NVFP4 criterion of
+  ``sparse_decode_atten_func`` on the dequantised bf16 K/V (which rounds ``K * k_global`` to bf16).
+- Same launch policy and workspaces as the native path (one launch per call / run, CUDA-graph
+  capturable); NVFP4 launches may use their own tile config (``decode_kernel.NVFP4_CONFIG_OVERRIDES``),
+  so the wrapper's ``plan`` sizes its workspaces for both formats.
 """
 
 from typing import Optional, Tuple
@@ -42,6 +75,7 @@ from ._validate import (
 )
 from .decode_kernel import LAYOUT_HND, LAYOUT_TOKEN, launch, make_plan, workspace_sizes
 from .errors import MsaUnsupportedError
+from .nvfp4 import Nvfp4QuantizedTensor, _round_up
 
 BLK_KV = 128
 HEAD_DIM = 128
@@ -50,15 +84,19 @@ DIRECT_HEAD_DIMS = (64, 128, 256)
 DIRECT_MAX_GQA = 64
 _I32 = (torch.int32,)
 _INT = (torch.int32, torch.int64)
+NVFP4_PACKED_DIM = HEAD_DIM // 2  # packed E2M1 bytes per row
+NVFP4_SCALE_COLS = HEAD_DIM // 16  # logical E4M3 scale columns (C = 8)
+_NVFP4_Q_DTYPES = (torch.bfloat16, torch.float16, FP8)
 
 
 def _out_dtype(q_dtype: torch.dtype) -> torch.dtype:
     return torch.bfloat16 if q_dtype == FP8 else q_dtype
 
 
-def _plan_for(q, k, idx, table, layout, block_size, seqlen_q, hint_blocks, split_override=0, max_grid=0):
+def _plan_for(q, k, idx, table, layout, block_size, seqlen_q, hint_blocks, split_override=0, max_grid=0,
+              nvfp4=False):
     if layout == LAYOUT_HND:
-        hkv, d = k.shape[1], k.shape[3]
+        hkv, d = k.shape[1], q.shape[2]  # q's head dim (= k's; packed NVFP4 k holds d / 2 bytes)
         b = table.shape[0]
     else:
         hkv, d = k.shape[1], k.shape[2]
@@ -66,7 +104,7 @@ def _plan_for(q, k, idx, table, layout, block_size, seqlen_q, hint_blocks, split
     g = q.shape[1] // hkv
     topk = 0 if idx is None else idx.shape[2]
     return make_plan(q.device, B=b, Hkv=hkv, G=g, SQ=seqlen_q, D=d, BS=block_size, topk=topk,
-                     hint_blocks=hint_blocks, split_override=split_override, max_grid=max_grid)
+                     hint_blocks=hint_blocks, split_override=split_override, max_grid=max_grid, nvfp4=nvfp4)
 
 
 def _workspaces(p, device):
@@ -143,6 +181,68 @@ def _(q, k, v, idx, page_table, seqused_k, out, lse, o_part, ml_part, counter, s
     return None
 
 
+@torch.library.custom_op(add_op_namespace_prefix("sparse_decode_nvfp4_fwd"), mutates_args=())
+def _sparse_decode_nvfp4_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_scale: torch.Tensor,
+                             v_scale: torch.Tensor, k_global: Optional[torch.Tensor], v_global: Optional[torch.Tensor],
+                             idx: Optional[torch.Tensor], page_table: torch.Tensor, seqused_k: torch.Tensor,
+                             seqlen_q: int, causal: bool, scale: float, hint_blocks: int,
+                             return_lse: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Paged-HND decode over packed NVFP4 K/V (``k, v`` uint8 ``[P, Hkv, 128, 64]``).
+
+    k_scale / v_scale: flat uint8 128x4-swizzled scale bytes (logical row ``(page*Hkv+h)*128+s``, 8
+    columns); k_global / v_global: fp32 (element 0) or None (= 1). Returns ``(out [T, Hq, 128], lse
+    fp32 [T, Hq] or [0])``.
+    """
+    t, hq, d = q.shape
+    out = torch.empty((t, hq, d), dtype=_out_dtype(q.dtype), device=q.device)
+    lse = torch.empty((t, hq) if return_lse else (0,), dtype=torch.float32, device=q.device)
+    if t == 0:
+        return out, lse
+    p = _plan_for(q, k, idx, page_table, LAYOUT_HND, BLK_KV, seqlen_q, hint_blocks, nvfp4=True)
+    o_part, ml_part, counter = _workspaces(p, q.device)
+    launch(p, layout=LAYOUT_HND, q=q, k=k, v=v, idx=idx, table=page_table, lens=seqused_k, slot_ids=None, sink=None,
+           out=out, lse=lse, o_part=o_part, ml_part=ml_part, counter=counter, causal=causal, scale=scale,
+           write_lse=return_lse, nvfp4=(k_scale, v_scale, k_global, v_global))
+    return out, lse
+
+
+@_sparse_decode_nvfp4_fwd.register_fake
+def _(q, k, v, k_scale, v_scale, k_global, v_global, idx, page_table, seqused_k, seqlen_q, causal, scale, hint_blocks,
+      return_lse):
+    t, hq, d = q.shape
+    out = q.new_empty((t, hq, d), dtype=_out_dtype(q.dtype))
+    lse = q.new_empty((t, hq) if return_lse else (0,), dtype=torch.float32)
+    return out, lse
+
+
+@torch.library.custom_op(add_op_namespace_prefix("sparse_decode_nvfp4_fwd_out"),
+                         mutates_args=("out", "lse", "o_part", "ml_part", "counter"))
+def _sparse_decode_nvfp4_fwd_out(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_scale: torch.Tensor,
+                                 v_scale: torch.Tensor, k_global: Optional[torch.Tensor],
+                                 v_global: Optional[torch.Tensor], idx: Optional[torch.Tensor],
+                                 page_table: torch.Tensor, seqused_k: torch.Tensor, out: torch.Tensor,
+                                 lse: torch.Tensor, o_part: torch.Tensor, ml_part: torch.Tensor, counter: torch.Tensor,
+                                 seqlen_q: int, causal: bool, scale: float, hint_blocks: int, return_lse: bool,
+                                 split_override: int, max_grid: int) -> None:
+    """``_sparse_decode_fwd_out`` for packed NVFP4 K/V (arguments as ``_sparse_decode_nvfp4_fwd``)."""
+    if q.shape[0] == 0:
+        return
+    p = _plan_for(q, k, idx, page_table, LAYOUT_HND, BLK_KV, seqlen_q, hint_blocks, split_override, max_grid,
+                  nvfp4=True)
+    no, nml, nc = workspace_sizes(p)
+    if nc and (o_part.numel() < no or ml_part.numel() < nml or counter.numel() < nc):
+        raise RuntimeError("decode workspace too small for this launch; call plan() again")
+    launch(p, layout=LAYOUT_HND, q=q, k=k, v=v, idx=idx, table=page_table, lens=seqused_k, slot_ids=None,
+           sink=None, out=out, lse=lse, o_part=o_part, ml_part=ml_part, counter=counter, causal=causal,
+           scale=scale, write_lse=return_lse, nvfp4=(k_scale, v_scale, k_global, v_global))
+
+
+@_sparse_decode_nvfp4_fwd_out.register_fake
+def _(q, k, v, k_scale, v_scale, k_global, v_global, idx, page_table, seqused_k, out, lse, o_part, ml_part, counter,
+      seqlen_q, causal, scale, hint_blocks, return_lse, split_override, max_grid):
+    return None
+
+
 # ------------------------------------------------------------------------------------------------
 # Validation
 # ------------------------------------------------------------------------------------------------
@@ -199,6 +299,100 @@ def _validate_official(q, k, v, q2k_indices, page_table, seqused_k, seqlen_q, ma
                    ("seqused_k", seqused_k)])
 
 
+# ---- NVFP4 K/V (the decode extension of API.md 5.13's conventions) ----------------------------------
+
+
+def _unpack_quantized(name, t, scale, global_scale):
+    """``Nvfp4QuantizedTensor`` -> ``(data, scale_128x4, global_scale)``; raw tensors pass through."""
+    if isinstance(t, Nvfp4QuantizedTensor):
+        given = [n for n, x in ((f"{name}_scale_128x4", scale), (f"{name}_global_scale", global_scale))
+                 if x is not None]
+        if given:
+            raise ValueError(f"{name} is an Nvfp4QuantizedTensor, which carries its own scales; do not also pass "
+                             f"{' / '.join(given)}")
+        return t.data, t.scale_128x4, t.global_scale
+    return t, scale, global_scale
+
+
+def _resolve_kv(k, v, k_scale, v_scale, k_global, v_global):
+    """Classify K/V: returns ``(k, v, None)`` for native K/V or ``(k, v, (k_scale, v_scale, k_global,
+    v_global))`` for packed NVFP4 (uint8 k and v, or ``Nvfp4QuantizedTensor``s)."""
+    k, k_scale, k_global = _unpack_quantized("k", k, k_scale, k_global)
+    v, v_scale, v_global = _unpack_quantized("v", v, v_scale, v_global)
+    check_tensor("k", k)
+    check_tensor("v", v)
+    named = (("k_scale_128x4", k_scale), ("v_scale_128x4", v_scale), ("k_global_scale", k_global),
+             ("v_global_scale", v_global))
+    if k.dtype != torch.uint8 and v.dtype != torch.uint8:
+        for n, x in named:
+            if x is not None:
+                raise ValueError(f"{n} is only accepted with packed NVFP4 K/V (uint8 k and v), got k/v of dtype "
+                                 f"{k.dtype} / {v.dtype}")
+        return k, v, None
+    if k.dtype != v.dtype:
+        raise TypeError(f"k and v must have the same dtype, got {k.dtype} and {v.dtype}")
+    for n, x in named[:2]:
+        if x is None:
+            raise ValueError(f"k and v are uint8 (packed NVFP4, API.md 5.13): {n} is required")
+    return k, v, (k_scale, v_scale, k_global, v_global)
+
+
+def _check_nvfp4_scale(name, scale, rows):
+    check_tensor(name, scale, dtypes=(torch.uint8,))
+    if scale.dim() != 2 or scale.shape[1] < NVFP4_SCALE_COLS:
+        raise ValueError(f"{name} must be 2-D with at least {NVFP4_SCALE_COLS} columns, got shape "
+                         f"{tuple(scale.shape)}")
+    need = _round_up(rows, 128) * NVFP4_SCALE_COLS
+    if scale.numel() < need:
+        raise ValueError(f"{name} has {scale.numel()} elements; the 128x4 layout of {rows} rows x "
+                         f"{NVFP4_SCALE_COLS} columns needs at least {need}")
+
+
+def _check_nvfp4_global(name, gs):
+    if gs is None:
+        return
+    check_tensor(name, gs, dtypes=(torch.float32,))
+    if gs.numel() < 1:
+        raise ValueError(f"{name} must have at least one element")
+
+
+def _validate_nvfp4(q, k, v, fp4, q2k_indices, page_table, seqused_k, seqlen_q, max_seqlen_k, blk_kv):
+    """API.md 5.1 checks with the packed NVFP4 K/V rules of 5.13 (paged layout, head dim 128)."""
+    k_scale, v_scale, k_global, v_global = fp4
+    check_tensor("q", q, ndim=3)
+    check_tensor("q", q, dtypes=_NVFP4_Q_DTYPES)
+    check_head_dim("q", q.shape[2], (HEAD_DIM,))
+    check_tensor("k", k, ndim=4)
+    check_tensor("v", v, ndim=4)
+    if tuple(k.shape) != tuple(v.shape):
+        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    if k.shape[3] != NVFP4_PACKED_DIM:
+        raise ValueError(f"packed NVFP4 k/v: last dim must be {NVFP4_PACKED_DIM} bytes (head dim {HEAD_DIM}), "
+                         f"got {k.shape[3]}")
+    _validate_blk_kv(blk_kv)
+    if k.shape[2] != blk_kv:
+        raise ValueError(f"k.shape[2] (page size {k.shape[2]}) must equal blk_kv={blk_kv}")
+    rows = k.shape[0] * k.shape[1] * k.shape[2]
+    _check_nvfp4_scale("k_scale_128x4", k_scale, rows)
+    _check_nvfp4_scale("v_scale_128x4", v_scale, rows)
+    _check_nvfp4_global("k_global_scale", k_global)
+    _check_nvfp4_global("v_global_scale", v_global)
+    b = _validate_paged_meta(page_table, seqused_k, seqlen_q, max_seqlen_k)
+    if q.shape[0] != b * seqlen_q:
+        raise ValueError(f"q.shape[0] ({q.shape[0]}) must equal B*seqlen_q = {b}*{seqlen_q}")
+    check_gqa(q.shape[1], k.shape[1])
+    _validate_q2k(q2k_indices, k.shape[1], q.shape[0])
+    check_devices([("q", q), ("k", k), ("v", v), ("k_scale_128x4", k_scale), ("v_scale_128x4", v_scale),
+                   ("k_global_scale", k_global), ("v_global_scale", v_global), ("q2k_indices", q2k_indices),
+                   ("page_table", page_table), ("seqused_k", seqused_k)])
+
+
+def _nvfp4_kernel_args(fp4):
+    """Scales as flat row-major byte buffers (a view when contiguous; other strides: a copy per call)."""
+    k_scale, v_scale, k_global, v_global = fp4
+    return k_scale.reshape(-1), v_scale.reshape(-1), k_global, v_global
+
+
 def _dense_hint(page_table, max_seqlen_k):
     return min(page_table.shape[1], -(-max_seqlen_k // BLK_KV))
 
@@ -210,7 +404,8 @@ def _dense_hint(page_table, max_seqlen_k):
 
 def sparse_decode_atten_func(q, k, v, q2k_indices=None, *, page_table, seqused_k, seqlen_q, max_seqlen_k, blk_kv=128,
                              causal=True, softmax_scale=None, return_softmax_lse=False, schedule=None, O_partial=None,
-                             LSE_partial=None):
+                             LSE_partial=None, k_scale_128x4=None, v_scale_128x4=None, k_global_scale=None,
+                             v_global_scale=None):
     """Sparse (or dense, ``q2k_indices=None``) decode over a paged HND KV cache.
 
     q [B*seqlen_q, Hq, 128]; k, v [num_pages, Hkv, 128, 128] (any strides, read in place);
@@ -218,7 +413,27 @@ def sparse_decode_atten_func(q, k, v, q2k_indices=None, *, page_table, seqused_k
     seqused_k int32 [B]. Returns out [B*seqlen_q, Hq, 128] (q's dtype, bf16 for fp8 q) and, if
     ``return_softmax_lse``, fp32 lse [B*seqlen_q, Hq]. ``schedule``, ``O_partial``, ``LSE_partial``
     are accepted and ignored. No host synchronisation.
+
+    NVFP4 K/V (package extension, conventions of API.md 5.13): ``k``, ``v`` uint8 packed E2M1
+    ``[num_pages, Hkv, 128, 64]`` (any strides) with ``k_scale_128x4`` / ``v_scale_128x4`` uint8 2-D
+    128x4-swizzled E4M3 scales (read as logical row-major flat buffers with C = 8, at least
+    ``round_up(num_pages*Hkv*128, 128) x 8`` elements; scale row of (page, head h, slot s) is
+    ``(page*Hkv + h)*128 + s``) and optional ``k_global_scale`` / ``v_global_scale`` fp32 tensors
+    (element 0, read on the device; None = 1.0). ``k`` / ``v`` may instead be ``Nvfp4QuantizedTensor``s
+    (e.g. from ``quantize_kv_bf16_to_nvfp4_128x4(k_cache, v_cache)``), which carry their scales (passing
+    scales as well is a ValueError). The result is attention over ``K = e2m1(k)*E4M3(k_scale)*k_global``
+    (same for V), LSE included; dequantisation is fused into the kernel (bf16 K/V are never
+    materialised). Scales with non-uint8 k/v, or uint8 k/v without scales: ValueError naming the
+    argument; other errors as API.md 5.13's table.
     """
+    k, v, fp4 = _resolve_kv(k, v, k_scale_128x4, v_scale_128x4, k_global_scale, v_global_scale)
+    if fp4 is not None:
+        _validate_nvfp4(q, k, v, fp4, q2k_indices, page_table, seqused_k, seqlen_q, max_seqlen_k, blk_kv)
+        scale = default_scale(softmax_scale, HEAD_DIM)
+        out, lse = _sparse_decode_nvfp4_fwd(q, k, v, *_nvfp4_kernel_args(fp4), q2k_indices, page_table, seqused_k,
+                                            int(seqlen_q), bool(causal), scale, _dense_hint(page_table, max_seqlen_k),
+                                            bool(return_softmax_lse))
+        return (out, lse) if return_softmax_lse else out
     _validate_official(q, k, v, q2k_indices, page_table, seqused_k, seqlen_q, max_seqlen_k, blk_kv)
     scale = default_scale(softmax_scale, HEAD_DIM)
     out, lse = _sparse_decode_fwd(q, k, v, q2k_indices, page_table, seqused_k, None, None, LAYOUT_HND, BLK_KV,
@@ -277,28 +492,30 @@ class SparseDecodePagedAttentionWrapper:
         self.max_seqlen_k = int(max_seqlen_k)
         self.is_sparse = q2k_indices is not None
         self.enable_cuda_graph = bool(enable_cuda_graph)
-        # split hints -> tiles per split (0 = automatic policy); never change results beyond reassociation
-        tpb = 1
-        if disable_split_kv:
-            self._split_override = 1 << 30
-        elif fixed_split_size is not None:
-            tpb = None
-            self._split_override = int(fixed_split_size)  # in KV blocks, converted below
-        else:
-            self._split_override = 0
+        # split hints -> tiles per split (0 = automatic policy); never change results beyond reassociation.
+        # The K/V format (native or packed NVFP4, which may use its own tile config) is only known in run():
+        # both plans are made here and the workspaces cover both.
         self._max_grid = int(max_grid_size) if max_grid_size is not None else 0
         self._hint_blocks = _dense_hint(page_table, self.max_seqlen_k)
         topk = 0 if q2k_indices is None else q2k_indices.shape[2]
-        probe = make_plan(page_table.device, B=b, Hkv=self.num_kv_heads, G=g, SQ=self.seqlen_q, D=self.head_dim,
-                          BS=BLK_KV, topk=topk, hint_blocks=self._hint_blocks)
-        if tpb is None:  # fixed_split_size counts KV blocks: convert to BLOCK_N tiles
-            self._split_override = self._split_override * (BLK_KV // probe.BLOCK_N)
-        p = make_plan(page_table.device, B=b, Hkv=self.num_kv_heads, G=g, SQ=self.seqlen_q, D=self.head_dim,
-                      BS=BLK_KV, topk=topk, hint_blocks=self._hint_blocks, split_override=self._split_override,
-                      max_grid=self._max_grid)
-        self.split_kv = p.num_splits > 1
-        self.num_splits = p.num_splits
-        no, nml, nc = workspace_sizes(p)
+        self._split_override = {}
+        sizes = []
+        for fp4 in (False, True):
+            kw = dict(B=b, Hkv=self.num_kv_heads, G=g, SQ=self.seqlen_q, D=self.head_dim, BS=BLK_KV, topk=topk,
+                      hint_blocks=self._hint_blocks, nvfp4=fp4)
+            if disable_split_kv:
+                ov = 1 << 30
+            elif fixed_split_size is not None:  # fixed_split_size counts KV blocks: convert to BLOCK_N tiles
+                ov = int(fixed_split_size) * (BLK_KV // make_plan(page_table.device, **kw).BLOCK_N)
+            else:
+                ov = 0
+            self._split_override[fp4] = ov
+            p = make_plan(page_table.device, split_override=ov, max_grid=self._max_grid, **kw)
+            if not fp4:
+                self.split_kv = p.num_splits > 1
+                self.num_splits = p.num_splits
+            sizes.append(workspace_sizes(p))
+        no, nml, nc = (max(x) for x in zip(*sizes))
         dev = page_table.device
         self.O_partial = torch.empty(max(no, 1), dtype=torch.float32, device=dev)
         self._ml_partial = torch.empty(max(nml, 1), dtype=torch.float32, device=dev)
@@ -307,10 +524,17 @@ class SparseDecodePagedAttentionWrapper:
         self._planned = True
         return self
 
-    def run(self, q, k, v, *, softmax_scale=None, return_softmax_lse=False, out=None, lse=None):
-        """q [B*seqlen_q, Hq, 128]; k, v [num_pages, Hkv, 128, 128]. Returns out (and lse)."""
+    def run(self, q, k, v, *, k_scale_128x4=None, v_scale_128x4=None, k_global_scale=None, v_global_scale=None,
+            softmax_scale=None, return_softmax_lse=False, out=None, lse=None):
+        """q [B*seqlen_q, Hq, 128]; k, v [num_pages, Hkv, 128, 128]. Returns out (and lse).
+
+        NVFP4 K/V as in ``sparse_decode_atten_func``: uint8 ``k, v [num_pages, Hkv, 128, 64]`` with
+        ``k_scale_128x4`` / ``v_scale_128x4`` (and optional fp32 ``k_global_scale`` /
+        ``v_global_scale``), or ``Nvfp4QuantizedTensor``s. Still one launch, CUDA-graph capturable.
+        """
         if not self._planned:
             raise RuntimeError("decode wrapper must be planned before run")
+        k, v, fp4 = _resolve_kv(k, v, k_scale_128x4, v_scale_128x4, k_global_scale, v_global_scale)
         check_tensor("q", q, ndim=3)
         check_tensor("k", k, ndim=4)
         check_tensor("v", v, ndim=4)
@@ -319,9 +543,14 @@ class SparseDecodePagedAttentionWrapper:
             raise ValueError(f"q must have shape {list(want_q)} (planned), got {tuple(q.shape)}")
         if k.shape[1] != self.num_kv_heads:
             raise ValueError(f"k.shape[1] ({k.shape[1]}) must equal the planned num_kv_heads={self.num_kv_heads}")
-        _validate_official(q, k, v, self.q2k_indices, self.page_table, self.seqused_k, self.seqlen_q,
-                           self.max_seqlen_k, self.blk_kv)
-        out_dtype = attention_out_dtype(q, k, v)
+        if fp4 is None:
+            _validate_official(q, k, v, self.q2k_indices, self.page_table, self.seqused_k, self.seqlen_q,
+                               self.max_seqlen_k, self.blk_kv)
+            out_dtype = attention_out_dtype(q, k, v)
+        else:
+            _validate_nvfp4(q, k, v, fp4, self.q2k_indices, self.page_table, self.seqused_k, self.seqlen_q,
+                            self.max_seqlen_k, self.blk_kv)
+            out_dtype = _out_dtype(q.dtype)
         if out is None:
             out = torch.empty(q.shape, dtype=out_dtype, device=q.device)
         else:
@@ -339,9 +568,16 @@ class SparseDecodePagedAttentionWrapper:
         else:
             lse_buf = self._lse_dummy
         scale = default_scale(softmax_scale, self.head_dim)
-        _sparse_decode_fwd_out(q, k, v, self.q2k_indices, self.page_table, self.seqused_k, out, lse_buf,
-                               self.O_partial, self._ml_partial, self._counter, self.seqlen_q, self.causal, scale,
-                               self._hint_blocks, bool(return_softmax_lse), self._split_override, self._max_grid)
+        if fp4 is not None:
+            _sparse_decode_nvfp4_fwd_out(q, k, v, *_nvfp4_kernel_args(fp4), self.q2k_indices, self.page_table,
+                                         self.seqused_k, out, lse_buf, self.O_partial, self._ml_partial, self._counter,
+                                         self.seqlen_q, self.causal, scale, self._hint_blocks,
+                                         bool(return_softmax_lse), self._split_override[True], self._max_grid)
+        else:
+            _sparse_decode_fwd_out(q, k, v, self.q2k_indices, self.page_table, self.seqused_k, out, lse_buf,
+                                   self.O_partial, self._ml_partial, self._counter, self.seqlen_q, self.causal, scale,
+                                   self._hint_blocks, bool(return_softmax_lse), self._split_override[False],
+                                   self._max_grid)
         if return_softmax_lse:
             return out, lse
         return out
@@ -396,7 +632,14 @@ def flash_decode_with_gqa_share_sparse(q, sink, k_cache, v_cache, req_to_token, 
     k_cache, v_cache [max_slots, Hkv, D] (q's dtype, or fp8 e4m3 with bf16 q); req_to_token int
     [max_reqs, max_kv_len]; seq_lens, slot_ids int [B]; topk_idx int [Hkv, B, topk].
     Returns o [B, Hq, D] in q's dtype; rows without a valid block are 0. ``use_tma`` is ignored.
+    NVFP4 (uint8 / ``Nvfp4QuantizedTensor``) caches are not supported here (MsaUnsupportedError): use
+    ``sparse_decode_atten_func`` or ``SparseDecodePagedAttentionWrapper`` (paged HND) for NVFP4 K/V.
     """
+    for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if isinstance(t, Nvfp4QuantizedTensor) or (isinstance(t, torch.Tensor) and t.dtype == torch.uint8):
+            raise MsaUnsupportedError(
+                f"flash_decode_with_gqa_share_sparse: NVFP4 (uint8 packed) {name} is not supported; NVFP4 K/V is "
+                "supported by sparse_decode_atten_func and SparseDecodePagedAttentionWrapper (paged HND cache)")
     _validate_direct(q, sink, k_cache, v_cache, req_to_token, seq_lens, slot_ids, block_size, topk_idx)
     scale = default_scale(sm_scale, q.shape[2])
     out, _ = _sparse_decode_fwd(q, k_cache, v_cache, topk_idx, req_to_token, seq_lens, slot_ids, sink, LAYOUT_TOKEN,

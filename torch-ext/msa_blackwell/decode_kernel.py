@@ -24,14 +24,27 @@ Work decomposition. One program per ``(b, g, m_tile, split)``:
   sees ``NUM_SPLITS - 1`` (the last to finish) reads all partials in fixed split order (so the
   result does not depend on which program is last), writes O / LSE and resets the counter to 0,
   leaving the counter buffer zeroed for the next launch (self-cleaning).
+
+K/V formats (constexpr ``KV_FMT``): 0 = bf16 / fp16 / fp8 K/V (its generated code is unchanged by the
+NVFP4 support: every NVFP4 addition sits behind ``KV_FMT == 1``); 1 = packed NVFP4 (HND only, no sink):
+``K, V`` uint8 ``[P, Hkv, BS, D/2]``, ``KSC, VSC`` the flat 128x4-swizzled E4M3 scale bytes (scale row
+``(page * Hkv + g) * BS + slot``), ``KGS, VGS`` the fp32 global scales (element 0; ``HAS_KG`` /
+``HAS_VG`` False = 1.0). Each K/V tile is decoded in registers into an even-element and an odd-element
+fp16 tile (``_fp4_kv_tiles``, see the NVFP4 section below; ``FP4_DEC`` picks the PTX or the portable
+decoder), QK^T = q_even . K_even^T + q_odd . K_odd^T, PV into even / odd output halves. ``k_global * 2^7``
+folds into the logit scale (``qk_row``; LSE consistent), ``v_global * 2^7`` multiplies the final O once
+(``_nvfp4_epilogue``; split partials stay unscaled, layout ``[even half | odd half]``).
 """
 
 import copy
 import functools
+import os
 
 import torch
 import triton
 import triton.language as tl
+
+from .nvfp4_tile import nvfp4_scale_offset
 
 LAYOUT_HND = 0
 LAYOUT_TOKEN = 1
@@ -82,17 +95,40 @@ def _device_info(device_type: str, index):
     return props.major, props.multi_processor_count
 
 
-def config_for_major(major):
-    """The ``DECODE_CONFIGS`` entry used on a device of compute-capability major ``major`` (None = CPU)."""
+# Packed NVFP4 K/V launches use ``DECODE_CONFIGS`` updated with these entries (same keys; keyed like
+# DECODE_CONFIGS, None = interpreter / other); a missing major = the bf16 policy. NOT MEASURED YET: these
+# are compile-time (SASS) choices; sweep with benchmarks/bench_decode.py (MSA_DECODE_SWEEP=nvfp4).
+# - sm_90 / sm_100: 8 warps. The NVFP4 tile loop issues ~790 SASS instructions per 64-token tile and warp
+#   with 4 warps (bf16: ~540) at 200 registers, i.e. 2 CTAs = 8 warps per SM; with 8 warps the kernel
+#   fits 128 registers, so 16 warps per SM hide the decode's latency (no spill in the main loop).
+# - sm_100: BLOCK_M 64 (G * seqlen_q > 32) would use tcgen05 MMAs, whose software pipeliner cannot
+#   predicate the decoder's (deliberately non-pure) inline asm, and sm_12x's BLOCK_M 64 spills inside the
+#   main loop (2-stage schedule, 4 or 8 warps; scripts/aot_check.py): M tiles are capped at 32 rows there
+#   (mma.sync path; G * seqlen_q = 64 then takes two M tiles).
+NVFP4_CONFIG_OVERRIDES = {
+    9: dict(num_warps={**_BASE["num_warps"], 128: 8}),
+    10: dict(num_warps={**_BASE["num_warps"], 128: 8}, m_cap={**_BASE["m_cap"], 128: 32}),
+    12: dict(m_cap={**_BASE["m_cap"], 128: 32}),
+}
+
+
+def config_for_major(major, nvfp4: bool = False):
+    """The ``DECODE_CONFIGS`` entry used on a device of compute-capability major ``major`` (None = CPU);
+    ``nvfp4``: with the ``NVFP4_CONFIG_OVERRIDES`` of that major applied."""
     cfg = DECODE_CONFIGS.get(major)
     if cfg is None:
         cfg = DECODE_CONFIGS[9] if major is not None and major >= 9 else DECODE_CONFIGS[None]
+    if nvfp4:
+        key = major if major in DECODE_CONFIGS else (9 if major is not None and major >= 9 else None)
+        over = NVFP4_CONFIG_OVERRIDES.get(key)
+        if over:
+            cfg = dict(cfg, **over)
     return cfg
 
 
-def device_config(device: torch.device):
+def device_config(device: torch.device, nvfp4: bool = False):
     major, sms = _device_info(device.type, device.index)
-    return config_for_major(major), sms
+    return config_for_major(major, nvfp4), sms
 
 
 def _next_pow2(n: int) -> int:
@@ -111,15 +147,17 @@ class LaunchPlan:
 
 
 @functools.lru_cache(maxsize=512)
-def make_plan(device, *, B, Hkv, G, SQ, D, BS, topk, hint_blocks, split_override=0, max_grid=0) -> LaunchPlan:
+def make_plan(device, *, B, Hkv, G, SQ, D, BS, topk, hint_blocks, split_override=0, max_grid=0,
+              nvfp4=False) -> LaunchPlan:
     """Choose tile sizes and the split count.
 
     topk: slots per index row (0 = dense path); hint_blocks: dense path's expected block count
     (``min(page_table.shape[1], ceil(max_seqlen_k / BS))``); split_override > 0 forces the number of
-    tiles per split (wrapper hints); max_grid > 0 caps the grid. Cached on its arguments (call
-    ``make_plan.cache_clear()`` after editing ``DECODE_CONFIGS``).
+    tiles per split (wrapper hints); max_grid > 0 caps the grid; nvfp4: packed NVFP4 K/V (config with
+    ``NVFP4_CONFIG_OVERRIDES``). Cached on its arguments (call ``make_plan.cache_clear()`` after editing
+    ``DECODE_CONFIGS`` / ``NVFP4_CONFIG_OVERRIDES``).
     """
-    cfg, sms = device_config(device)
+    cfg, sms = device_config(device, nvfp4)
     return plan_from_config(cfg, sms, B=B, Hkv=Hkv, G=G, SQ=SQ, D=D, BS=BS, topk=topk, hint_blocks=hint_blocks,
                             split_override=split_override, max_grid=max_grid)
 
@@ -198,9 +236,160 @@ def _finalize(acc, m_i, l_i, q, SINK, heads, ss_h, ss_d, offs_d, row_ok, scale_l
     return o, lse
 
 
+# ---------------------------------------------------------------------------------------------
+# NVFP4 K/V tiles (KV_FMT = 1). A packed row holds D/2 bytes; byte k = element 2k (low nibble) and
+# element 2k+1 (high nibble). The kernel never joins the two nibbles: it keeps the "even" tile (low
+# nibbles: elements 0, 2, ..) and the "odd" tile (high nibbles) apart, contracts QK^T as
+# q_even . even^T + q_odd . odd^T and accumulates PV into an even and an odd output half.
+#
+# Values. The MMAs run in fp16 for every q dtype (fp8 q -> fp16 is exact; bf16 q is scaled per row by a
+# power of two into [2^14, 2^15) and then is exact in fp16, the power of two is undone on the logits).
+# A tile element is ``e2m1 * E4M3scale * 2^-7``, exact in fp16: the E2M1 nibble is placed bit-wise into
+# an fp16 (``mag << 9 | sign << 15`` is the fp16 ``e2m1 * 2^-14``, subnormal for 0.5) and multiplied
+# once by the block scale times 2^7 (<= 448 * 2^7 < 65504); the product has at most 5 significant bits
+# and lies in [2^-17, 21]. The 2^7 and the global scales are applied outside the MMAs:
+# ``scale_log2 * 2^7 * k_global`` on the logits, ``2^7 * v_global`` once on the final output.
+# ---------------------------------------------------------------------------------------------
+FP4_POW2 = 128.0  # the tiles hold e2m1 * scale / FP4_POW2
+
+# FP4_DEC (constexpr) selects the nibble decoder: 0 = portable Triton (also the CPU interpreter);
+# 1 = PTX inline asm (GPU only): 4 packed bytes per 32-bit register, per byte the fp16 high byte of
+# both nibbles by shift/mask over all four bytes at once, PRMT into f16x2 lanes, one mul.f16x2 with
+# the block scales per two elements (15 instructions per 8 elements).
+FP4_DEC_PORTABLE = 0
+FP4_DEC_ASM = 1
+
+
+# PTX of the FP4_DEC_ASM decoder, per 4 packed bytes ($4) and their block scales as two f16x2 ($5, $6):
+# outputs $0, $1 = even (low-nibble) elements of bytes 0-1 / 2-3, $2, $3 = odd (high-nibble) elements.
+# E = per byte the fp16 high byte of the low nibble (mag << 1 | sign << 7), O = the same for the high
+# nibble; PRMT moves them into the high byte of each 16-bit lane (low byte 0): fp16 e2m1 * 2^-14.
+# (tests/test_decode_nvfp4.py emulates this text instruction by instruction for every byte value.)
+FP4_ASM_F16 = tl.constexpr("""
+        {
+        .reg .b32 e, o, a, c;
+        shl.b32 a, $4, 1;
+        shl.b32 c, $4, 4;
+        and.b32 a, a, 0x0E0E0E0E;
+        and.b32 c, c, 0x80808080;
+        or.b32 e, a, c;
+        shr.u32 a, $4, 3;
+        and.b32 a, a, 0x0E0E0E0E;
+        and.b32 c, $4, 0x80808080;
+        or.b32 o, a, c;
+        prmt.b32 a, e, 0, 0x1404;
+        mul.rn.f16x2 $0, a, $5;
+        prmt.b32 a, e, 0, 0x3424;
+        mul.rn.f16x2 $1, a, $6;
+        prmt.b32 a, o, 0, 0x1404;
+        mul.rn.f16x2 $2, a, $5;
+        prmt.b32 a, o, 0, 0x3424;
+        mul.rn.f16x2 $3, a, $6;
+        }
+        """)
+
+
+@triton.jit
+def _fp4_asm(b, sc):
+    """(even, odd) fp16 values ``e2m1(nibble) * 2^-14 * sc`` of the low / high nibble of bytes ``b``.
+
+    ``is_pure=False`` keeps Triton from re-materialising the decode in the MMA operand layout (where
+    every byte would be read and decoded separately): the decode runs on 8 consecutive bytes per
+    thread and its fp16 result goes to the MMA layout through shared memory like a bf16 tile.
+    """
+    ev, od = tl.inline_asm_elementwise(
+        asm=FP4_ASM_F16,
+        constraints="=r,=r,=r,=r,r,r,r",
+        args=[b, sc],
+        dtype=(tl.float16, tl.float16),
+        is_pure=False,
+        pack=4,
+    )
+    return ev, od
+
+
+@triton.jit
+def _e4m3_times_128_f16(code):
+    """fp16 ``E4M3(code) * 2^7`` of E4M3FN bytes (int32): the bits ``sign << 15 | mag << 7`` are the fp16
+    ``E4M3 * 2^-8`` (subnormals included), times 2^15 exactly; 0x7F / 0xFF decode to NaN."""
+    h = (((code & 0x7F) << 7) | ((code & 0x80) << 8)).to(tl.int16).to(tl.float16, bitcast=True) * 32768.0
+    return tl.where((code & 0x7F) == 0x7F, float("nan"), h)
+
+
+@triton.jit
+def _fp4_kv_tiles(P, S, byte_off, srow, ok, sd, N: tl.constexpr, D: tl.constexpr, FP4_DEC: tl.constexpr):
+    """Even / odd NVFP4 tiles ``[N, D/2]`` fp16 of ``N`` rows, holding ``e2m1 * E4M3scale / FP4_POW2``.
+
+    P: packed uint8 base; ``byte_off [N]`` int64 offset of each row's first byte, ``sd`` the byte stride.
+    S: 128x4-swizzled scale bytes (flat); ``srow [N]`` int64 logical scale row of each row. Rows with
+    ``ok == False`` are not read and come back as 0. Column k of the even (odd) tile is element
+    2k (2k+1) of the row.
+    """
+    C: tl.constexpr = D // 16
+    CP: tl.constexpr = (C + 3) // 4 * 4
+    cc = tl.arange(0, C)
+    col = cc[:, None] * 8 + tl.arange(0, 8)[None, :]  # [C, 8] byte index: 8 bytes per 16-element block
+    byte = tl.load(P + byte_off[:, None, None] + col[None, :, :] * sd, mask=ok[:, None, None], other=0)
+    sb = tl.load(S + nvfp4_scale_offset(srow[:, None], cc[None, :], CP), mask=ok[:, None], other=0)
+    sf = _e4m3_times_128_f16(sb.to(tl.int32) & 0xFF)
+    if FP4_DEC == 1:
+        ev, od = _fp4_asm(byte, tl.broadcast_to(sf[:, :, None], [N, C, 8]))
+    else:
+        b = byte.to(tl.int32) & 0xFF
+        ev = (((b & 0x7) << 9) | ((b & 0x8) << 12)).to(tl.int16).to(tl.float16, bitcast=True)
+        od = (((b & 0x70) << 5) | ((b & 0x80) << 8)).to(tl.int16).to(tl.float16, bitcast=True)
+        ev = ev * sf[:, :, None]
+        od = od * sf[:, :, None]
+    return tl.reshape(ev, [N, D // 2]), tl.reshape(od, [N, D // 2])
+
+
+@triton.jit
+def _opaque_f16(x):
+    """Identity on an fp16 tensor that Triton cannot look through (GPU only): the MMA operand layout of a
+    dot whose operand chain starts at an fp8 load is chosen for 8-bit data (kWidth 4: no ldmatrix, for the
+    decoded K / V tiles too); hiding q's fp8 origin keeps the 16-bit layout."""
+    return tl.inline_asm_elementwise(asm="mov.b32 $0, $1;", constraints="=r,r", args=[x], dtype=tl.float16,
+                                     is_pure=False, pack=2)
+
+
+@triton.jit
+def _nvfp4_q(Q, t_row, heads, row_ok, sq_t, sq_h, sq_d, D: tl.constexpr, Q_RESCALE: tl.constexpr,
+             OPAQUE: tl.constexpr):
+    """q's even / odd column halves as fp16 ``[BLOCK_M, D/2]`` and a per-row logit factor.
+
+    Q_RESCALE (bf16 / fp8 q): each row is scaled by ``2^(14 - e)``, ``e = floor(log2(max |q_row|))`` clamped
+    to [-110, 127], so it is exact in fp16 and cannot overflow; the factor ``2^(e - 14)`` undoes it on the
+    logits. (For fp8 q the conversion alone would be exact; the row reduction also keeps Triton from
+    re-reading the fp8 q tile from shared memory and converting it again on every KV tile.) fp16 q: as is,
+    factor 1.
+    """
+    offs_h = tl.arange(0, D // 2)
+    q_ptr = Q + t_row[:, None] * sq_t + heads[:, None].to(tl.int64) * sq_h
+    q_ev = tl.load(q_ptr + (2 * offs_h)[None, :] * sq_d, mask=row_ok[:, None], other=0.0)
+    q_od = tl.load(q_ptr + (2 * offs_h + 1)[None, :] * sq_d, mask=row_ok[:, None], other=0.0)
+    if Q_RESCALE:
+        q_ev = q_ev.to(tl.float32)
+        q_od = q_od.to(tl.float32)
+        amax = tl.maximum(tl.max(tl.abs(q_ev), 1), tl.max(tl.abs(q_od), 1))
+        e = ((amax.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
+        e = tl.minimum(tl.maximum(e, -110), 127)
+        up = ((141 - e) << 23).to(tl.float32, bitcast=True)  # 2^(14 - e)
+        down = ((113 + e) << 23).to(tl.float32, bitcast=True)  # 2^(e - 14)
+        q_ev = (q_ev * up[:, None]).to(tl.float16)
+        q_od = (q_od * up[:, None]).to(tl.float16)
+        if OPAQUE:
+            q_ev = _opaque_f16(q_ev)
+            q_od = _opaque_f16(q_od)
+        return q_ev, q_od, down
+    else:
+        one = tl.full([q_ev.shape[0]], 1.0, tl.float32)
+        return q_ev.to(tl.float16), q_od.to(tl.float16), one
+
+
 @triton.jit
 def msa_decode_kernel(
     Q, K, V, IDX, TABLE, LENS, SLOTS, SINK, OUT, LSE, OPART, MLPART, COUNTER,
+    KSC, VSC, KGS, VGS,
     sq_t, sq_h, sq_d,
     sk_0, sk_1, sk_2, sk_d,
     sv_0, sv_1, sv_2, sv_d,
@@ -217,6 +406,8 @@ def msa_decode_kernel(
     NUM_SPLITS: tl.constexpr, NS_P2: tl.constexpr, CH: tl.constexpr,
     DENSE: tl.constexpr, CAUSAL: tl.constexpr, HAS_SINK: tl.constexpr, WRITE_LSE: tl.constexpr,
     CDT: tl.constexpr,
+    KV_FMT: tl.constexpr = 0, FP4_DEC: tl.constexpr = 0, HAS_KG: tl.constexpr = False,
+    HAS_VG: tl.constexpr = False,
 ):
     TPB: tl.constexpr = BS // BLOCK_N
     pid = tl.program_id(0)
@@ -254,8 +445,21 @@ def msa_decode_kernel(
         lim = Lk - 1 + i_tok * 0
 
     # ---- Q tile [BLOCK_M, D] ------------------------------------------------------------------
-    q = tl.load(Q + t_row[:, None] * sq_t + heads[:, None].to(tl.int64) * sq_h + offs_d[None, :] * sq_d,
-                mask=row_ok[:, None], other=0.0).to(CDT)
+    if KV_FMT == 0:
+        q = tl.load(Q + t_row[:, None] * sq_t + heads[:, None].to(tl.int64) * sq_h + offs_d[None, :] * sq_d,
+                    mask=row_ok[:, None], other=0.0).to(CDT)
+    else:
+        # NVFP4: even / odd halves of q (columns 2k / 2k+1) against the even / odd K tiles; the logit
+        # scale absorbs the tiles' 2^-7 and k_global (read on the device); v_global and the V tiles'
+        # 2^-7 are applied to the output once (_nvfp4_out_mul)
+        gl_assert: tl.constexpr = LAYOUT == 0 and not HAS_SINK
+        tl.static_assert(gl_assert, "NVFP4 K/V: paged HND layout without sink only")
+        q, q_od, q_back = _nvfp4_q(Q, t_row, heads, row_ok, sq_t, sq_h, sq_d, D, Q.dtype.element_ty != tl.float16,
+                                   FP4_DEC == 1 and Q.dtype.element_ty == tl.float8e4nv)
+        qk_log2 = scale_log2 * 128.0  # FP4_POW2
+        if HAS_KG:
+            qk_log2 = qk_log2 * tl.load(KGS).to(tl.float32)
+        qk_row = q_back * qk_log2  # [BLOCK_M]
 
     # ---- this tile's tokens and their index rows -------------------------------------------
     i0 = (mt * BLOCK_M) // G
@@ -282,7 +486,11 @@ def msa_decode_kernel(
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, D], tl.float32)
+    if KV_FMT == 0:
+        acc = tl.zeros([BLOCK_M, D], tl.float32)
+    else:
+        acc = tl.zeros([BLOCK_M, D // 2], tl.float32)  # even output columns
+        acc_od = tl.zeros([BLOCK_M, D // 2], tl.float32)  # odd output columns
 
     # The split's tiles are processed in chunks of CH. All index work of a chunk (block ids,
     # duplicate / validity checks, page-table lookups) is done up front as [CH] vectors, so inside
@@ -341,9 +549,15 @@ def msa_decode_kernel(
                 sl_id = ((sl_id % NUM_ROWS_KV) + NUM_ROWS_KV) % NUM_ROWS_KV
                 k_row = sl_id * sk_0 + g * sk_1
                 v_row = sl_id * sv_0 + g * sv_1
-            k = tl.load(K + k_row[:, None] + offs_d[None, :] * sk_d, mask=kv_ok[:, None], other=0.0).to(CDT)
-            v = tl.load(V + v_row[:, None] + offs_d[None, :] * sv_d, mask=kv_ok[:, None], other=0.0).to(CDT)
-            s = tl.dot(q, tl.trans(k)) * scale_log2
+            if KV_FMT == 0:
+                k = tl.load(K + k_row[:, None] + offs_d[None, :] * sk_d, mask=kv_ok[:, None], other=0.0).to(CDT)
+                v = tl.load(V + v_row[:, None] + offs_d[None, :] * sv_d, mask=kv_ok[:, None], other=0.0).to(CDT)
+                s = tl.dot(q, tl.trans(k)) * scale_log2
+            else:
+                srow = (page * Hkv + g) * BS + xo  # logical scale row (page * Hkv + g) * 128 + token
+                k_ev, k_od = _fp4_kv_tiles(K, KSC, k_row, srow, kv_ok, sk_d, BLOCK_N, D, FP4_DEC)
+                v_ev, v_od = _fp4_kv_tiles(V, VSC, v_row, srow, kv_ok, sv_d, BLOCK_N, D, FP4_DEC)
+                s = tl.dot(q_od, tl.trans(k_od), tl.dot(q, tl.trans(k_ev))) * qk_row[:, None]
             vis = row_mem[:, None] & kv_ok[None, :] & (x[None, :] <= lim[:, None])
             s = tl.where(vis, s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -351,19 +565,101 @@ def msa_decode_kernel(
             pr = tl.exp2(s - m_use[:, None])
             alpha = tl.exp2(m_i - m_use)
             l_i = l_i * alpha + tl.sum(pr, 1)
-            acc = acc * alpha[:, None] + tl.dot(pr.to(CDT), v)
+            if KV_FMT == 0:
+                acc = acc * alpha[:, None] + tl.dot(pr.to(CDT), v)
+            else:
+                p_c = pr.to(tl.float16)
+                acc = acc * alpha[:, None] + tl.dot(p_c, v_ev)
+                acc_od = acc_od * alpha[:, None] + tl.dot(p_c, v_od)
             m_i = m_new
 
-    out_ptrs = OUT + t_row[:, None] * so_t + heads[:, None].to(tl.int64) * so_h + offs_d[None, :] * so_d
+    if KV_FMT == 0:
+        out_ptrs = OUT + t_row[:, None] * so_t + heads[:, None].to(tl.int64) * so_h + offs_d[None, :] * so_d
+        lse_ptrs = LSE + t_row * sl_t + heads.to(tl.int64) * sl_h
+        if NUM_SPLITS == 1:
+            o, lse = _finalize(acc, m_i, l_i, q, SINK, heads, ss_h, ss_d, offs_d, row_ok, scale_log2, HAS_SINK)
+            tl.store(out_ptrs, o.to(OUT.dtype.element_ty), mask=row_ok[:, None])
+            if WRITE_LSE:
+                tl.store(lse_ptrs, lse, mask=row_ok)
+        else:
+            part = unit.to(tl.int64) * NUM_SPLITS + split
+            tl.store(OPART + (part * BLOCK_M + offs_m[:, None]) * D + offs_d[None, :], acc, mask=row_ok[:, None])
+            tl.store(MLPART + part * (2 * BLOCK_M) + offs_m, m_i, mask=row_ok)
+            tl.store(MLPART + part * (2 * BLOCK_M) + BLOCK_M + offs_m, l_i, mask=row_ok)
+            tl.debug_barrier()  # every thread's partial stores precede the release below
+            done = tl.atomic_add(COUNTER + unit, 1, sem="acq_rel")
+            if done == NUM_SPLITS - 1:
+                # last program for this (b, g, m_tile): combine in fixed split order (deterministic)
+                sp = tl.arange(0, NS_P2)
+                base = unit.to(tl.int64) * NUM_SPLITS
+                ml_ptr = MLPART + (base + sp[:, None]) * (2 * BLOCK_M) + offs_m[None, :]
+                ml_mask = (sp[:, None] < NUM_SPLITS) & row_ok[None, :]
+                ms = tl.load(ml_ptr, mask=ml_mask, other=float("-inf"), cache_modifier=".cg")
+                ls = tl.load(ml_ptr + BLOCK_M, mask=ml_mask, other=0.0, cache_modifier=".cg")
+                m_all = tl.max(ms, 0)
+                m_use = tl.where(m_all == float("-inf"), 0.0, m_all)
+                l_all = tl.sum(tl.exp2(ms - m_use[None, :]) * ls, 0)
+                # fixed split order, one [BLOCK_M, D] partial per step (independent loads, no 3-D tile)
+                acc = tl.zeros([BLOCK_M, D], tl.float32)
+                o_base = OPART + base * (BLOCK_M * D)
+                ml_base = MLPART + base * (2 * BLOCK_M)
+                o_off = offs_m[:, None] * D + offs_d[None, :]
+                for s_i in tl.static_range(NUM_SPLITS):
+                    mc = tl.load(ml_base + s_i * (2 * BLOCK_M) + offs_m, mask=row_ok, other=float("-inf"),
+                                 cache_modifier=".cg")
+                    oc = tl.load(o_base + s_i * (BLOCK_M * D) + o_off, mask=row_ok[:, None], other=0.0,
+                                 cache_modifier=".cg")
+                    acc += oc * tl.exp2(mc - m_use)[:, None]
+                o, lse = _finalize(acc, m_all, l_all, q, SINK, heads, ss_h, ss_d, offs_d, row_ok, scale_log2,
+                                   HAS_SINK)
+                tl.store(out_ptrs, o.to(OUT.dtype.element_ty), mask=row_ok[:, None])
+                if WRITE_LSE:
+                    tl.store(lse_ptrs, lse, mask=row_ok)
+                tl.atomic_xchg(COUNTER + unit, 0)  # self-cleaning: ready for the next launch / graph replay
+    else:
+        _nvfp4_epilogue(acc, acc_od, m_i, l_i, q, OUT, LSE, OPART, MLPART, COUNTER, VGS, t_row, heads, row_ok,
+                        offs_m, unit, split, so_t, so_h, so_d, sl_t, sl_h, D, BLOCK_M, NUM_SPLITS, NS_P2,
+                        WRITE_LSE, HAS_VG)
+
+
+@triton.jit
+def _nvfp4_out_mul(VGS, HAS_VG: tl.constexpr):
+    """Output factor of the NVFP4 path: the V tiles' 2^7 (FP4_POW2) times v_global (element 0, on the device)."""
+    if HAS_VG:
+        return tl.load(VGS).to(tl.float32) * 128.0
+    else:
+        return 128.0
+
+
+@triton.jit
+def _nvfp4_epilogue(acc, acc_od, m_i, l_i, q, OUT, LSE, OPART, MLPART, COUNTER, VGS, t_row, heads, row_ok, offs_m,
+                    unit, split, so_t, so_h, so_d, sl_t, sl_h, D: tl.constexpr, BLOCK_M: tl.constexpr,
+                    NUM_SPLITS: tl.constexpr, NS_P2: tl.constexpr, WRITE_LSE: tl.constexpr, HAS_VG: tl.constexpr):
+    """Store / combine of the NVFP4 path: even and odd output halves (columns 2k / 2k+1).
+
+    Split partials keep the layout ``[BLOCK_M, D]`` = ``[even half | odd half]``, unscaled (fp32, log2
+    units of the kernel's logit scale); the factor ``_nvfp4_out_mul`` is applied once to the final O.
+    No sink on this path (``_finalize`` is called without it).
+    """
+    H: tl.constexpr = D // 2
+    offs_h = tl.arange(0, H)
+    o_row = OUT + t_row[:, None] * so_t + heads[:, None].to(tl.int64) * so_h
+    ptr_ev = o_row + (2 * offs_h)[None, :] * so_d
+    ptr_od = o_row + (2 * offs_h + 1)[None, :] * so_d
     lse_ptrs = LSE + t_row * sl_t + heads.to(tl.int64) * sl_h
     if NUM_SPLITS == 1:
-        o, lse = _finalize(acc, m_i, l_i, q, SINK, heads, ss_h, ss_d, offs_d, row_ok, scale_log2, HAS_SINK)
-        tl.store(out_ptrs, o.to(OUT.dtype.element_ty), mask=row_ok[:, None])
+        vmul = _nvfp4_out_mul(VGS, HAS_VG)
+        o_ev, lse = _finalize(acc, m_i, l_i, q, q, heads, 0, 0, offs_h, row_ok, 1.0, False)
+        o_od, _ = _finalize(acc_od, m_i, l_i, q, q, heads, 0, 0, offs_h, row_ok, 1.0, False)
+        tl.store(ptr_ev, (o_ev * vmul).to(OUT.dtype.element_ty), mask=row_ok[:, None])
+        tl.store(ptr_od, (o_od * vmul).to(OUT.dtype.element_ty), mask=row_ok[:, None])
         if WRITE_LSE:
             tl.store(lse_ptrs, lse, mask=row_ok)
     else:
         part = unit.to(tl.int64) * NUM_SPLITS + split
-        tl.store(OPART + (part * BLOCK_M + offs_m[:, None]) * D + offs_d[None, :], acc, mask=row_ok[:, None])
+        p_row = OPART + (part * BLOCK_M + offs_m[:, None]) * D
+        tl.store(p_row + offs_h[None, :], acc, mask=row_ok[:, None])
+        tl.store(p_row + H + offs_h[None, :], acc_od, mask=row_ok[:, None])
         tl.store(MLPART + part * (2 * BLOCK_M) + offs_m, m_i, mask=row_ok)
         tl.store(MLPART + part * (2 * BLOCK_M) + BLOCK_M + offs_m, l_i, mask=row_ok)
         tl.debug_barrier()  # every thread's partial stores precede the release below
@@ -379,19 +675,26 @@ def msa_decode_kernel(
             m_all = tl.max(ms, 0)
             m_use = tl.where(m_all == float("-inf"), 0.0, m_all)
             l_all = tl.sum(tl.exp2(ms - m_use[None, :]) * ls, 0)
-            # fixed split order, one [BLOCK_M, D] partial per step (independent loads, no 3-D tile)
-            acc = tl.zeros([BLOCK_M, D], tl.float32)
+            c_ev = tl.zeros([BLOCK_M, H], tl.float32)
+            c_od = tl.zeros([BLOCK_M, H], tl.float32)
             o_base = OPART + base * (BLOCK_M * D)
             ml_base = MLPART + base * (2 * BLOCK_M)
-            o_off = offs_m[:, None] * D + offs_d[None, :]
+            o_off = offs_m[:, None] * D + offs_h[None, :]
             for s_i in tl.static_range(NUM_SPLITS):
                 mc = tl.load(ml_base + s_i * (2 * BLOCK_M) + offs_m, mask=row_ok, other=float("-inf"),
                              cache_modifier=".cg")
+                w = tl.exp2(mc - m_use)[:, None]
                 oc = tl.load(o_base + s_i * (BLOCK_M * D) + o_off, mask=row_ok[:, None], other=0.0,
                              cache_modifier=".cg")
-                acc += oc * tl.exp2(mc - m_use)[:, None]
-            o, lse = _finalize(acc, m_all, l_all, q, SINK, heads, ss_h, ss_d, offs_d, row_ok, scale_log2, HAS_SINK)
-            tl.store(out_ptrs, o.to(OUT.dtype.element_ty), mask=row_ok[:, None])
+                c_ev += oc * w
+                oc = tl.load(o_base + s_i * (BLOCK_M * D) + H + o_off, mask=row_ok[:, None], other=0.0,
+                             cache_modifier=".cg")
+                c_od += oc * w
+            vmul = _nvfp4_out_mul(VGS, HAS_VG)
+            o_ev, lse = _finalize(c_ev, m_all, l_all, q, q, heads, 0, 0, offs_h, row_ok, 1.0, False)
+            o_od, _ = _finalize(c_od, m_all, l_all, q, q, heads, 0, 0, offs_h, row_ok, 1.0, False)
+            tl.store(ptr_ev, (o_ev * vmul).to(OUT.dtype.element_ty), mask=row_ok[:, None])
+            tl.store(ptr_od, (o_od * vmul).to(OUT.dtype.element_ty), mask=row_ok[:, None])
             if WRITE_LSE:
                 tl.store(lse_ptrs, lse, mask=row_ok)
             tl.atomic_xchg(COUNTER + unit, 0)  # self-cleaning: ready for the next launch / graph replay
@@ -400,9 +703,25 @@ def msa_decode_kernel(
 _CDT = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float8_e4m3fn: tl.float16}
 LOG2E = 1.4426950408889634
 
+KV_NATIVE = 0
+KV_NVFP4 = 1
+# NVFP4 nibble decoder on a GPU (FP4_DEC_PORTABLE / FP4_DEC_ASM); the interpreter always runs the portable
+# one. Override for sweeps with the environment variable MSA_DECODE_FP4_DEC=0|1 (read at each launch).
+FP4_DEC_GPU_DEFAULT = FP4_DEC_ASM
+
+
+def fp4_decoder(device: torch.device) -> int:
+    """The ``FP4_DEC`` constexpr used for a launch on ``device``."""
+    if device.type != "cuda":
+        return FP4_DEC_PORTABLE
+    env = os.environ.get("MSA_DECODE_FP4_DEC", "")
+    if env in ("0", "1"):
+        return int(env)
+    return FP4_DEC_GPU_DEFAULT
+
 
 def launch(p: LaunchPlan, *, layout, q, k, v, idx, table, lens, slot_ids, sink, out, lse, o_part, ml_part, counter,
-           causal, scale, write_lse):
+           causal, scale, write_lse, nvfp4=None):
     """Launch ``msa_decode_kernel``.
 
     HND:   q [B*SQ, Hq, D]; k, v [P, Hkv, BS, D]; table = page_table [B, W]; lens = seqused_k [B].
@@ -411,9 +730,20 @@ def launch(p: LaunchPlan, *, layout, q, k, v, idx, table, lens, slot_ids, sink, 
     idx [Hkv, B*SQ, topk] or None (dense); sink [Hq, D] or None; out like q (output dtype);
     lse fp32 [B*SQ, Hq] (written iff write_lse); o_part / ml_part fp32 and counter int32 (zeroed)
     of at least ``workspace_sizes(p)`` elements when ``p.num_splits > 1``.
+    nvfp4: None, or ``(k_scale, v_scale, k_global, v_global)`` for packed NVFP4 K/V (HND only, no
+    sink): k, v uint8 [P, Hkv, BS, D/2]; scales flat contiguous uint8 128x4-swizzled (logical row
+    ``(page * Hkv + h) * BS + s``, D/16 columns); globals fp32 tensors (element 0) or None (= 1).
     """
     if p.grid[0] == 0:
         return
+    if nvfp4 is not None:
+        k_sc, v_sc, k_gs, v_gs = nvfp4
+        fmt = dict(KV_FMT=KV_NVFP4, FP4_DEC=fp4_decoder(q.device), HAS_KG=k_gs is not None,
+                   HAS_VG=v_gs is not None, CDT=tl.float16)  # NVFP4 MMAs run in fp16 for every q dtype
+        ex = (k_sc, v_sc, q if k_gs is None else k_gs, q if v_gs is None else v_gs)
+    else:
+        fmt = dict(CDT=_CDT[q.dtype])
+        ex = (q, q, q, q)
     if layout == LAYOUT_HND:
         sk = (k.stride(0), k.stride(1), k.stride(2), k.stride(3))
         sv = (v.stride(0), v.stride(1), v.stride(2), v.stride(3))
@@ -435,7 +765,7 @@ def launch(p: LaunchPlan, *, layout, q, k, v, idx, table, lens, slot_ids, sink, 
         o_part = ml_part = out
         counter = lens
     msa_decode_kernel[p.grid](
-        q, k, v, idx_t, table, lens, slots_t, sink_t, out, lse_t, o_part, ml_part, counter,
+        q, k, v, idx_t, table, lens, slots_t, sink_t, out, lse_t, o_part, ml_part, counter, *ex,
         q.stride(0), q.stride(1), q.stride(2),
         *sk, *sv, *si,
         table.stride(0), table.stride(1),
@@ -449,7 +779,7 @@ def launch(p: LaunchPlan, *, layout, q, k, v, idx, table, lens, slot_ids, sink, 
         LAYOUT=layout, BS=p.BS, D=p.D, BLOCK_M=p.BLOCK_M, BLOCK_N=p.BLOCK_N, TOK_P2=p.TOK_P2, TK_P2=p.TK_P2,
         NUM_SPLITS=p.num_splits, NS_P2=_next_pow2(p.num_splits), CH=p.chunk,
         DENSE=dense, CAUSAL=bool(causal), HAS_SINK=sink is not None, WRITE_LSE=bool(write_lse),
-        CDT=_CDT[q.dtype],
+        **fmt,
         num_warps=p.num_warps, num_stages=p.num_stages,
     )
 
@@ -461,17 +791,20 @@ def launch(p: LaunchPlan, *, layout, q, k, v, idx, table, lens, slot_ids, sink, 
 # (q dtype, kv dtype): output dtype bf16 for fp8 q, else q's; CDT as ``_CDT``
 _AOT_DTYPES = ((torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16), (torch.bfloat16, torch.float8_e4m3fn),
                (torch.float8_e4m3fn, torch.float8_e4m3fn))
+# packed NVFP4 K/V (uint8; HND only, no sink): q bf16 / fp16 / fp8
+_AOT_NVFP4_Q = (torch.bfloat16, torch.float16, torch.float8_e4m3fn)
 
 
-def _aot_plans(arch: int):
+def _aot_plans(arch: int, nvfp4: bool = False):
     """Distinct plans over the supported shape space (both layouts): D 64/128/256, GQA 1..16, seqlen_q 1..4,
-    block sizes 16..512 (HND official API: page 128), top-k 0 (dense) / 1..64, batch 1..256."""
+    block sizes 16..512 (HND official API: page 128), top-k 0 (dense) / 1..64, batch 1..256.
+    ``nvfp4``: the packed NVFP4 K/V plans (HND only, config with ``NVFP4_CONFIG_OVERRIDES``)."""
     from ._aot import ARCHS, major_of
 
-    cfg = config_for_major(major_of(arch))
+    cfg = config_for_major(major_of(arch), nvfp4)
     sms = ARCHS[arch]["sms"]
     plans = {}
-    for layout in (LAYOUT_HND, LAYOUT_TOKEN):
+    for layout in ((LAYOUT_HND,) if nvfp4 else (LAYOUT_HND, LAYOUT_TOKEN)):
         for D in (64, 128, 256):
             if layout == LAYOUT_HND and D != 128:
                 continue
@@ -489,6 +822,27 @@ def _aot_plans(arch: int):
     return plans
 
 
+def _aot_select(plans, full):
+    """All plans (``full``) or one per tile class (layout, D, BLOCK_M, dense, warps, stages) at the class's
+    largest BLOCK_N and index chunk, with NUM_SPLITS raised to the class's largest split count (the combine
+    loop is unrolled NUM_SPLITS times); smaller BLOCK_N / chunks / split counts are strictly smaller."""
+    if full:
+        return list(plans.items())
+    best, most = {}, {}
+    for key, p in plans.items():
+        cls = (key[0], p.D, p.BLOCK_M, p.dense, p.num_warps, p.num_stages)
+        score = (p.BLOCK_N, p.chunk * p.TOK_P2 * p.TK_P2)
+        if cls not in best or score > best[cls][0]:
+            best[cls] = (score, key, p)
+        most[cls] = max(most.get(cls, 1), p.num_splits)
+    sel = []
+    for cls, (_, key, p) in best.items():
+        q = copy.copy(p)
+        q.num_splits = most[cls]
+        sel.append((key, q))
+    return sel
+
+
 def aot_configs(arch: int, full: bool = False):
     """``AotConfig`` list for ``msa_decode_kernel`` on compute capability ``arch`` (see ``_aot``).
 
@@ -496,30 +850,17 @@ def aot_configs(arch: int, full: bool = False):
     (layout, D, BS, BLOCK_M, BLOCK_N, dense, warps, stages) the plan with the largest index chunk
     (``CH * TOK_P2 * TK_P2``) and the largest split count (unrolled combine), all flags on, every dtype pair
     for the HND BLOCK_M = 64 classes (the largest tiles) and bf16 otherwise.
+
+    Packed NVFP4 K/V (``KV_FMT = 1``; HND only, no sink, both global scales given), from the NVFP4 plans
+    (``NVFP4_CONFIG_OVERRIDES``) with the GPU default decoder ``FP4_DEC_GPU_DEFAULT``: q bf16, plus fp16 and
+    fp8 (the opaque-q path) for the sparse class of the largest BLOCK_M; ``full``: every q dtype and both
+    decoders.
     """
     from ._aot import AotConfig, dedupe, torch_to_tl_name
 
-    plans = _aot_plans(arch)
-    if full:
-        sel = list(plans.items())
-    else:
-        # one plan per tile class (layout, D, BLOCK_M, dense, warps, stages) at the class's largest BLOCK_N:
-        # the largest index chunk, with NUM_SPLITS raised to the class's largest split count (the combine
-        # loop is unrolled NUM_SPLITS times); smaller BLOCK_N / chunks / split counts are strictly smaller.
-        best, most = {}, {}
-        for key, p in plans.items():
-            cls = (key[0], p.D, p.BLOCK_M, p.dense, p.num_warps, p.num_stages)
-            score = (p.BLOCK_N, p.chunk * p.TOK_P2 * p.TK_P2)
-            if cls not in best or score > best[cls][0]:
-                best[cls] = (score, key, p)
-            most[cls] = max(most.get(cls, 1), p.num_splits)
-        sel = []
-        for cls, (_, key, p) in best.items():
-            q = copy.copy(p)
-            q.num_splits = most[cls]
-            sel.append((key, q))
-    out = []
-    for key, p in sel:
+    # (key, plan, q dtype, kv dtype, FP4_DEC or None for native K/V)
+    jobs = []
+    for key, p in _aot_select(_aot_plans(arch), full):
         layout = key[0]
         if full:
             dtypes = _AOT_DTYPES
@@ -528,27 +869,43 @@ def aot_configs(arch: int, full: bool = False):
                       else _AOT_DTYPES[:1])
         if layout == LAYOUT_TOKEN:  # direct helper: bf16/fp16 q only
             dtypes = [d for d in dtypes if d[0] != torch.float8_e4m3fn]
-        flags = [(True, True, True), (False, False, False)] if full else [(True, True, True)]
-        for qd, kd in dtypes:
-            od = torch.bfloat16 if qd == torch.float8_e4m3fn else qd
-            cdt = _CDT[qd]
-            for causal, sink, wlse in flags:
-                args = {}
-                for n in msa_decode_kernel.arg_names:
-                    args[n] = "i32:D"
-                args.update(Q="*" + torch_to_tl_name(qd), K="*" + torch_to_tl_name(kd),
-                            V="*" + torch_to_tl_name(kd), IDX="*i32", TABLE="*i32", LENS="*i32", SLOTS="*i32",
-                            SINK="*fp32", OUT="*" + torch_to_tl_name(od), LSE="*fp32", OPART="*fp32",
-                            MLPART="*fp32", COUNTER="*i32", sq_d=1, sk_d=1, sv_d=1, si_s=1, st_1=1, ss_d=1, so_d=1,
-                            sl_h=1, s_len=1, s_slot=1, scale_log2="fp32",
-                            Hkv="i32", G="i32", SQ="i32", TOPK="i32", TBL_W="i32", TBL_ROWS="i32",
-                            NUM_ROWS_KV="i32", MT="i32", TILES_PER_SPLIT="i32", TILES_HINT="i32")
-                args.update(LAYOUT=layout, BS=p.BS, D=p.D, BLOCK_M=p.BLOCK_M, BLOCK_N=p.BLOCK_N, TOK_P2=p.TOK_P2,
-                            TK_P2=p.TK_P2, NUM_SPLITS=p.num_splits, NS_P2=_next_pow2(p.num_splits), CH=p.chunk,
-                            DENSE=p.dense, CAUSAL=causal, HAS_SINK=sink, WRITE_LSE=wlse, CDT=cdt)
-                label = (f"{'HND' if layout == LAYOUT_HND else 'TOK'} D{p.D} BS{p.BS} M{p.BLOCK_M} N{p.BLOCK_N} "
-                         f"{'dense' if p.dense else f'tok{p.TOK_P2}xtk{p.TK_P2}'} S{p.num_splits} CH{p.chunk} "
-                         f"q{torch_to_tl_name(qd)}/kv{torch_to_tl_name(kd)}"
-                         + (f" c{int(causal)}s{int(sink)}l{int(wlse)}" if full else ""))
-                out.append(AotConfig(msa_decode_kernel, args, p.num_warps, p.num_stages, label, hot=True))
+        jobs += [(key, p, qd, kd, None) for qd, kd in dtypes]
+    decs = (FP4_DEC_PORTABLE, FP4_DEC_ASM) if full else (FP4_DEC_GPU_DEFAULT,)
+    fp4_sel = _aot_select(_aot_plans(arch, nvfp4=True), full)
+    m_max = max(p.BLOCK_M for _, p in fp4_sel)
+    for key, p in fp4_sel:
+        nq = _AOT_NVFP4_Q if (full or (p.BLOCK_M == m_max and not p.dense)) else (torch.bfloat16,)
+        jobs += [(key, p, qd, torch.uint8, dec) for qd in nq for dec in decs]
+    out = []
+    for key, p, qd, kd, dec in jobs:
+        layout = key[0]
+        od = torch.bfloat16 if qd == torch.float8_e4m3fn else qd
+        cdt = _CDT[qd] if dec is None else tl.float16
+        if dec is None:
+            flags = [(True, True, True), (False, False, False)] if full else [(True, True, True)]
+        else:  # no sink with NVFP4 K/V
+            flags = [(True, False, True), (False, False, False)] if full else [(True, False, True)]
+        for causal, sink, wlse in flags:
+            args = {}
+            for n in msa_decode_kernel.arg_names:
+                args[n] = "i32:D"
+            args.update(Q="*" + torch_to_tl_name(qd), K="*" + torch_to_tl_name(kd),
+                        V="*" + torch_to_tl_name(kd), IDX="*i32", TABLE="*i32", LENS="*i32", SLOTS="*i32",
+                        SINK="*fp32", OUT="*" + torch_to_tl_name(od), LSE="*fp32", OPART="*fp32",
+                        MLPART="*fp32", COUNTER="*i32", KSC="*u8", VSC="*u8", KGS="*fp32", VGS="*fp32",
+                        sq_d=1, sk_d=1, sv_d=1, si_s=1, st_1=1, ss_d=1, so_d=1,
+                        sl_h=1, s_len=1, s_slot=1, scale_log2="fp32",
+                        Hkv="i32", G="i32", SQ="i32", TOPK="i32", TBL_W="i32", TBL_ROWS="i32",
+                        NUM_ROWS_KV="i32", MT="i32", TILES_PER_SPLIT="i32", TILES_HINT="i32")
+            args.update(LAYOUT=layout, BS=p.BS, D=p.D, BLOCK_M=p.BLOCK_M, BLOCK_N=p.BLOCK_N, TOK_P2=p.TOK_P2,
+                        TK_P2=p.TK_P2, NUM_SPLITS=p.num_splits, NS_P2=_next_pow2(p.num_splits), CH=p.chunk,
+                        DENSE=p.dense, CAUSAL=causal, HAS_SINK=sink, WRITE_LSE=wlse, CDT=cdt,
+                        KV_FMT=KV_NATIVE if dec is None else KV_NVFP4, FP4_DEC=dec or 0,
+                        HAS_KG=dec is not None, HAS_VG=dec is not None)
+            kvname = torch_to_tl_name(kd) if dec is None else f"nvfp4 dec{dec}"
+            label = (f"{'HND' if layout == LAYOUT_HND else 'TOK'} D{p.D} BS{p.BS} M{p.BLOCK_M} N{p.BLOCK_N} "
+                     f"{'dense' if p.dense else f'tok{p.TOK_P2}xtk{p.TK_P2}'} S{p.num_splits} CH{p.chunk} "
+                     f"q{torch_to_tl_name(qd)}/kv{kvname}"
+                     + (f" c{int(causal)}s{int(sink)}l{int(wlse)}" if full else ""))
+            out.append(AotConfig(msa_decode_kernel, args, p.num_warps, p.num_stages, label, hot=True))
     return dedupe(out)

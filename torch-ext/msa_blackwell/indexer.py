@@ -12,6 +12,7 @@ accumulation, mask, row max. Blocks past the request's valid range are written a
 reading any page.
 """
 
+import functools
 import math
 from typing import Optional
 
@@ -295,73 +296,171 @@ _IDX_INT = (torch.int32, torch.int64)
 
 @triton.jit
 def _decode_block_scores_kernel(q_ptr, k_ptr, r2t_ptr, seq_ptr, slot_ptr, out_ptr,
-                                sqb, sqh, sqd, skt, skh, skd, srr, src,
-                                width, max_slots, G, B, NB, sm_scale,
-                                D: tl.constexpr, BS: tl.constexpr, BT: tl.constexpr, LSE: tl.constexpr):
-    """scores[h, b, j] = max (or logsumexp) of sm_scale*<q[b,h], k[slot(b,x), h//G]> over block j (fp32)."""
-    b = tl.program_id(0)
-    h = tl.program_id(1)
-    g = h // G
-    L = tl.load(seq_ptr + b).to(tl.int64)
+                                sqb, sqh, sqd, skt, skh, skd, srr, src, s_seq, s_slot,
+                                width, n_rows, max_slots, G, Hkv, B, NB, n_chunks, tiles_per_prog, sm_scale,
+                                D: tl.constexpr, BS: tl.constexpr, TN: tl.constexpr, GP: tl.constexpr,
+                                LSE: tl.constexpr):
+    """scores[h, b, j] = max (or logsumexp) of sm_scale*<q[b,h], k[slot(b,x), h//G]> over block j (fp32).
+
+    One program per (request b, KV head g, chunk c of ``tiles_per_prog`` tiles of TN tokens). The G Q heads of
+    KV head g share each gathered K tile ``[TN, D]`` (loaded once): ``s [GP, TN] = q_g [GP, D] @ K^T`` (fp32
+    accumulation; rows >= G are zero padding), masked ``x >= L_b`` -> -inf, NaN -> -inf, then reduced per block:
+    a tile holds ``TN // BS`` whole blocks (BS <= TN) or is ``1 / (BS // TN)`` of one block (BS > TN; the
+    partial max / (max, sum) is carried across the block's tiles; ``tiles_per_prog`` is a multiple of
+    ``BS // TN`` so blocks never straddle programs). Blocks ``>= NB`` are never written; blocks past L_b get
+    -inf without any K / req_to_token load.
+    """
+    NBT: tl.constexpr = TN // BS if BS <= TN else 1  # blocks per tile
+    TPB: tl.constexpr = BS // TN if BS > TN else 1  # tiles per block
+    BT: tl.constexpr = BS if BS <= TN else TN  # tokens of one block inside a tile
+    pid = tl.program_id(0)
+    c = pid % n_chunks
+    bg = pid // n_chunks
+    b = bg // Hkv
+    g = bg % Hkv
+    L = tl.load(seq_ptr + b.to(tl.int64) * s_seq).to(tl.int64)
     L = tl.minimum(tl.maximum(L, 0), width)
-    row = tl.load(slot_ptr + b).to(tl.int64)
-    nb = tl.minimum((L + BS - 1) // BS, NB)
+    row = tl.load(slot_ptr + b.to(tl.int64) * s_slot).to(tl.int64)
+    row_ok = (row >= 0) & (row < n_rows)  # contract: slot_ids in [0, max_reqs); otherwise empty, nothing read
+    L = tl.where(row_ok, L, 0)
+    row = tl.where(row_ok, row, 0)
+    ii = tl.arange(0, GP)
+    h_ok = ii < G
+    h = g * G + ii
     dd = tl.arange(0, D)
-    q = tl.load(q_ptr + b.to(tl.int64) * sqb + h * sqh + dd * sqd).to(tl.float32)
-    tt = tl.arange(0, BT)
-    out_row = out_ptr + (h.to(tl.int64) * B + b) * NB
-    for j in range(0, nb):
-        m = tl.full([BT], float("-inf"), tl.float32)
-        acc = tl.zeros([BT], tl.float32)
-        for c in range(0, BS // BT):
-            x = j * BS + c * BT + tt
-            ok = x < L
-            tok = tl.load(r2t_ptr + row * srr + x * src, mask=ok, other=0).to(tl.int64)
-            tok = ((tok % max_slots) + max_slots) % max_slots
-            kk = tl.load(k_ptr + tok[:, None] * skt + g * skh + dd[None, :] * skd, mask=ok[:, None], other=0.0)
-            z = tl.sum(kk.to(tl.float32) * q[None, :], axis=1) * sm_scale
-            z = tl.where(ok, z, float("-inf"))
-            z = tl.where(z != z, float("-inf"), z)
-            if LSE:
-                m_new = tl.maximum(m, z)
-                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-                acc = acc * tl.exp(m - m_safe) + tl.exp(z - m_safe)
-                m = m_new
-            else:
-                m = tl.maximum(m, z)
-        if LSE:
-            mx = tl.max(m, axis=0)
-            mx_safe = tl.where(mx == float("-inf"), 0.0, mx)
-            m_safe = tl.where(m == float("-inf"), 0.0, m)
-            tot = tl.sum(acc * tl.exp(m_safe - mx_safe), axis=0)
-            s = tl.where(mx == float("-inf"), float("-inf"), mx + tl.log(tot))
+    q = tl.load(q_ptr + b.to(tl.int64) * sqb + h[:, None].to(tl.int64) * sqh + dd[None, :] * sqd,
+                mask=h_ok[:, None], other=0.0)
+    tt = tl.arange(0, TN)
+    jb = tl.arange(0, NBT)
+    out_rows = out_ptr + (h.to(tl.int64) * B + b) * NB  # [GP]
+    t0 = c * tiles_per_prog  # first tile of this chunk (global tile index within the request)
+    # tiles holding at least one token < L, rounded up to whole blocks, within this chunk
+    n_act = tl.minimum(tl.maximum((L - t0.to(tl.int64) * TN + TN - 1) // TN, 0), tiles_per_prog).to(tl.int32)
+    n_act = (n_act + TPB - 1) // TPB * TPB
+    m = tl.full([GP, NBT], float("-inf"), tl.float32)
+    acc = tl.zeros([GP, NBT], tl.float32)
+    for t in range(0, n_act):
+        x = (t0 + t).to(tl.int64) * TN + tt
+        ok = x < L
+        tok = tl.load(r2t_ptr + row * srr + x * src, mask=ok, other=0).to(tl.int64)
+        tok = ((tok % max_slots) + max_slots) % max_slots
+        kk = tl.load(k_ptr + tok[:, None] * skt + g * skh + dd[None, :] * skd, mask=ok[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(kk.to(q.dtype)), input_precision="ieee") * sm_scale  # [GP, TN] fp32
+        s = tl.where(ok[None, :], s, float("-inf"))
+        s = tl.where(s != s, float("-inf"), s)
+        if NBT == 1:
+            pm = tl.expand_dims(tl.max(s, axis=1), 1)  # [GP, 1]
         else:
-            s = tl.max(m, axis=0)
-        tl.store(out_row + j, s)
-    for j in range(nb, NB):
-        tl.store(out_row + j, float("-inf"))
+            s3 = tl.reshape(s, (GP, NBT, BT))
+            pm = tl.max(s3, axis=2)  # [GP, NBT]
+        if LSE:
+            pm_safe = tl.where(pm == float("-inf"), 0.0, pm)
+            if NBT == 1:
+                ps = tl.expand_dims(tl.sum(tl.exp(s - pm_safe), axis=1), 1)
+            else:
+                ps = tl.sum(tl.exp(s3 - tl.expand_dims(pm_safe, 2)), axis=2)
+            m_new = tl.maximum(m, pm)
+            mn_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            acc = acc * tl.exp(m - mn_safe) + ps * tl.exp(pm - mn_safe)
+            m = m_new
+        else:
+            m = tl.maximum(m, pm)
+        last = (t % TPB) == TPB - 1
+        if LSE:
+            res = tl.where(m == float("-inf"), float("-inf"), m + tl.log(tl.where(m == float("-inf"), 1.0, acc)))
+        else:
+            res = m
+        j = (t0 + t) * NBT // TPB + jb  # block ids of this tile
+        tl.store(out_rows[:, None] + j[None, :], res, mask=h_ok[:, None] & (j[None, :] < NB) & last)
+        m = tl.where(last, float("-inf"), m)
+        acc = tl.where(last, 0.0, acc)
+    neg = tl.full([GP, NBT], float("-inf"), tl.float32)
+    for t in range(n_act, tiles_per_prog, TPB):
+        j = (t0 + t) * NBT // TPB + jb
+        tl.store(out_rows[:, None] + j[None, :], neg, mask=h_ok[:, None] & (j[None, :] < NB))
+
+
+# Launch table per compute-capability major (None = interpreter / unknown). ``tn``: tokens per tile by head dim
+# (the gathered K tile [tn, D] is cp.async-prefetched one tile ahead into one shared-memory buffer, the
+# req_to_token slice two ahead: ~38 KB per program at D 128 / tn 128, so ~5 programs per SM on sm_90 and the
+# memory parallelism comes from occupancy); ``progs_per_sm``: target programs per SM when splitting a request's
+# tiles into chunks; ``max_tpp``: most tiles per program. sm_12x has ~99 KB of shared memory per block.
+# NOT MEASURED YET (choices by reasoning; sweep with benchmarks/bench_selection.py).
+DECODE_SCORE_CONFIGS = {
+    None: dict(tn={64: 32, 128: 32, 256: 32}, num_warps=4, num_stages=1, progs_per_sm=4, max_tpp=16),
+    9: dict(tn={64: 128, 128: 128, 256: 64}, num_warps=4, num_stages=3, progs_per_sm=4, max_tpp=16),
+    10: dict(tn={64: 128, 128: 128, 256: 64}, num_warps=4, num_stages=3, progs_per_sm=4, max_tpp=16),
+    12: dict(tn={64: 128, 128: 64, 256: 32}, num_warps=4, num_stages=3, progs_per_sm=4, max_tpp=16),
+}
+_SM_COUNT_CPU = 8
+
+
+def decode_score_config(major):
+    """``DECODE_SCORE_CONFIGS`` entry for compute-capability major ``major`` (None = interpreter)."""
+    if major is None:
+        return DECODE_SCORE_CONFIGS[None]
+    if major in DECODE_SCORE_CONFIGS:
+        return DECODE_SCORE_CONFIGS[major]
+    return DECODE_SCORE_CONFIGS[12 if major >= 12 else 9]
+
+
+@functools.lru_cache(maxsize=None)
+def _device_info(device_type: str, index):
+    """(capability major or None, SM count), read once per device (host query, no sync)."""
+    if device_type != "cuda":
+        return None, _SM_COUNT_CPU
+    props = torch.cuda.get_device_properties(index if index is not None else torch.cuda.current_device())
+    return props.major, props.multi_processor_count
+
+
+def decode_score_plan(cfg, D: int, block_size: int, NB: int, n_rows: int, sms: int):
+    """(TN, GP-independent tiles_per_prog, n_chunks) for ``n_rows = B * Hkv`` (request, KV head) rows of NB blocks.
+
+    Tiles of TN tokens; ``tiles_per_prog`` (a multiple of the tiles per block) is chosen so that about
+    ``progs_per_sm * sms`` programs run, at most ``max_tpp`` tiles (rounded up to whole blocks) each.
+    """
+    TN = int(cfg["tn"][D])
+    tpb = block_size // TN if block_size > TN else 1
+    n_tiles = -(-(NB * block_size) // TN)
+    want = -(-(n_rows * n_tiles) // max(1, int(cfg["progs_per_sm"]) * sms))
+    tpp = max(1, min(want, int(cfg["max_tpp"]), n_tiles))
+    tpp = -(-tpp // tpb) * tpb
+    return TN, tpp, -(-n_tiles // tpp)
 
 
 @torch.library.custom_op(add_op_namespace_prefix("decode_block_scores"), mutates_args=())
 def _decode_block_scores_op(q: torch.Tensor, k_cache: torch.Tensor, req_to_token: torch.Tensor,
                             seq_lens: torch.Tensor, slot_ids: torch.Tensor, NB: int, block_size: int,
                             sm_scale: float, lse: bool) -> torch.Tensor:
-    """q [B, Hq, D], k_cache [max_slots, Hkv, D] -> fp32 block scores [Hq, B, NB]."""
+    """q [B, Hq, D], k_cache [max_slots, Hkv, D] -> fp32 block scores [Hq, B, NB].
+
+    Grid: one program per (request, KV head, chunk of tiles); host ints only (CUDA-graph safe).
+    """
     B, Hq, D = (int(s) for s in q.shape)
     out = torch.empty(Hq, B, NB, dtype=torch.float32, device=q.device)
     if B == 0 or NB == 0 or Hq == 0:
         return out
     Hkv = int(k_cache.shape[1])
+    max_slots = int(k_cache.shape[0])
+    n_req_rows = int(req_to_token.shape[0])
+    if max_slots == 0 or n_req_rows == 0 or int(req_to_token.shape[1]) == 0:
+        return out.fill_(float("-inf"))  # no key can be read: every block is empty
     if q.device.type == "cpu" and q.dtype == torch.bfloat16:
         q = q.float()
     kc = k_cache
-    if kc.device.type == "cpu" and kc.dtype == torch.bfloat16:
+    if kc.device.type == "cpu" and kc.dtype in (torch.bfloat16, torch.float8_e4m3fn):
         kc = kc.float()
-    BT = min(block_size, 64 if D <= 128 else 32)
-    _decode_block_scores_kernel[(B, Hq)](
+    major, sms = _device_info(q.device.type, q.device.index)
+    cfg = decode_score_config(major)
+    TN, tpp, n_chunks = decode_score_plan(cfg, D, block_size, NB, B * Hkv, sms)
+    G = Hq // Hkv
+    GP = max(16, triton.next_power_of_2(G))
+    grid = (n_chunks * B * Hkv,)
+    _decode_block_scores_kernel[grid](
         q, kc, req_to_token, seq_lens, slot_ids, out, *q.stride(), *kc.stride(), *req_to_token.stride(),
-        int(req_to_token.shape[1]), int(kc.shape[0]), Hq // Hkv, B, NB, float(sm_scale),
-        D=D, BS=block_size, BT=BT, LSE=lse)
+        seq_lens.stride(0), slot_ids.stride(0), int(req_to_token.shape[1]), n_req_rows, max_slots, G, Hkv, B, NB,
+        n_chunks, tpp, float(sm_scale),
+        D=D, BS=block_size, TN=TN, GP=GP, LSE=lse, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return out
 
 
@@ -546,10 +645,11 @@ def aot_configs(arch: int, full: bool = False):
 
     ``_fp4_indexer_kernel``: BLOCK_M 16/32/64 (from max_seqlen_q), nvfp4 (GS 16, e4m3 scales) / mxfp4 (GS 32,
     e8m0) / decoded float scales, public / preordered layout, causal (+ qo_offset), tf32 dots.
-    ``_decode_block_scores_kernel``: D 64/128/256, block size 16..512 (``BT = min(BS, 64 or 32)``), max / lse,
-    q bf16/fp16, K q's dtype or fp8.
+    ``_decode_block_scores_kernel``: ``DECODE_SCORE_CONFIGS[major]`` (tile TN per head dim, warps, stages), D
+    64/128/256, block size 16..512 (whole blocks per tile or several tiles per block), GP 16..64 (Q heads per KV
+    head, padded), max / lse, q bf16/fp16, K q's dtype or fp8.
     """
-    from ._aot import AotConfig, dedupe
+    from ._aot import AotConfig, dedupe, major_of
 
     out = []
     bms = sorted({_indexer_block_m(s) for s in (1, 16, 17, 32, 33, 4096)})
@@ -575,15 +675,20 @@ def aot_configs(arch: int, full: bool = False):
                 out.append(AotConfig(_fp4_indexer_kernel, args, 4, 3,
                                      f"fp4idx M{bm} GS{gs} sk{sk}{st[1:]} pre{int(pre)} c{int(causal)}qo{int(qo)}"))
     dts = [("bf16", "bf16"), ("fp16", "fp16"), ("bf16", "fp8e4nv")]
+    cfg = decode_score_config(major_of(arch))
+    gps = (16, 32, 64) if full else (16, 64)
     for D in (64, 128, 256):
-        for BS in ((16, 32, 64, 128, 256, 512) if full else (16, 512)):
-            BT = min(BS, 64 if D <= 128 else 32)
+        TN = cfg["tn"][D]
+        for BS in ((16, 32, 64, 128, 256, 512) if full else (16, 128, 512)):
             for qd, kd in (dts if (full or D == 128) else dts[:1]):
-                for lse in ((False, True) if full else (True,)):
-                    args = dict(q_ptr="*" + qd, k_ptr="*" + kd, r2t_ptr="*i32", seq_ptr="*i32", slot_ptr="*i32",
-                                out_ptr="*fp32", sqb="i32:D", sqh="i32:D", sqd=1, skt="i32:D", skh="i32:D", skd=1,
-                                srr="i32:D", src=1, width="i32", max_slots="i32", G="i32", B="i32", NB="i32",
-                                sm_scale="fp32", D=D, BS=BS, BT=BT, LSE=lse)
-                    out.append(AotConfig(_decode_block_scores_kernel, args, 4, 3,
-                                         f"blkscore D{D} BS{BS} BT{BT} q{qd}/k{kd} lse{int(lse)}"))
+                for lse in ((False, True) if full else ((False, True) if (D == 128 and BS == 128) else (True,))):
+                    for GP in (gps if (full or (D == 128 and BS == 128)) else gps[:1]):
+                        args = dict(q_ptr="*" + qd, k_ptr="*" + kd, r2t_ptr="*i32", seq_ptr="*i32", slot_ptr="*i32",
+                                    out_ptr="*fp32", sqb="i32:D", sqh="i32:D", sqd=1, skt="i32:D", skh="i32:D",
+                                    skd=1, srr="i32:D", src=1, s_seq=1, s_slot=1, width="i32", n_rows="i32",
+                                    max_slots="i32", G="i32", Hkv=1, B="i32", NB="i32", n_chunks="i32",
+                                    tiles_per_prog="i32", sm_scale="fp32", D=D, BS=BS, TN=TN, GP=GP, LSE=lse)
+                        out.append(AotConfig(_decode_block_scores_kernel, args, cfg["num_warps"], cfg["num_stages"],
+                                             f"blkscore D{D} BS{BS} TN{TN} GP{GP} q{qd}/k{kd} lse{int(lse)}",
+                                             hot=True))
     return dedupe(out)
