@@ -148,7 +148,8 @@ def run_nvfp4(msa, timing, dk, k_hnd, v_hnd, copy_bw, quick):
         w4, w8 = {64: 4, 128: 4, 256: 8}, {64: 4, 128: 8, 256: 8}
         bn128 = {64: 64, 128: 128, 256: 32}
         variants = [None, dict(num_warps=w4), dict(num_warps=w8), dict(num_warps=w8, ctas_per_sm=2),
-                    dict(num_warps=w4, ctas_per_sm=2), dict(num_warps=w8, num_stages=2),
+                    dict(num_warps=w4, ctas_per_sm=2), dict(num_warps=w8, ctas_per_sm=4), dict(num_warps=w4, ctas_per_sm=4),
+                    dict(num_warps=w4, ctas_per_sm=8), dict(num_warps=w8, num_stages=2),
                     dict(num_warps=w8, num_stages=4), dict(num_warps=w4, block_n=bn128, num_stages=2),
                     dict(num_warps=w8, block_n=bn128, num_stages=2)]
         for b in (1, 8, 64):

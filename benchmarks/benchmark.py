@@ -4,7 +4,7 @@ Two entry points:
 
 * ``kernels benchmark ./`` (or the Hub repo id) discovers the ``Benchmark`` subclass below: eager
   host-timed calls of the M3-shaped decode and top-k, each verified against a torch reference.
-* ``python benchmarks/benchmark.py [--sections topk,decode,prefill] [--quick]``: the project's
+* ``python benchmarks/benchmark.py [--sections topk,decode,prefill,selection] [--quick]``: the project's
   roofline tables (CUDA events and CUDA-graph replay, cold inputs rotated past L2, measured copy
   bandwidth / matmul rate, card named). Sections live in ``bench_<name>.py`` next to this file.
 """
@@ -32,6 +32,7 @@ except ImportError:  # kernels without the benchmark extra: keep the script usab
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 REPO_ID = "flashrt/MiniMaxAI-msa-blackwell"
+SECTION_MODULES = {"nvfp4_attn": "bench_nvfp4_attention"}  # section name -> module, where not bench_<name>
 
 
 class MsaDecodeBenchmark(Benchmark):
@@ -97,7 +98,7 @@ def load_package():
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description="msa_blackwell roofline benchmarks (GPU)")
-    ap.add_argument("--sections", default="topk,decode,prefill")
+    ap.add_argument("--sections", default="topk,decode,prefill,selection")
     ap.add_argument("--quick", action="store_true", help="fewer shapes (smoke run)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -116,7 +117,7 @@ def main(argv=None):
     timing.QUICK = args.quick
     for name in [s.strip() for s in args.sections.split(",") if s.strip()]:
         try:
-            mod = importlib.import_module(f"bench_{name}")
+            mod = importlib.import_module(SECTION_MODULES.get(name, f"bench_{name}"))
         except ImportError as e:
             print(f"\n## {name}: section not available ({e})")
             continue

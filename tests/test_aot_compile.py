@@ -77,9 +77,12 @@ for arch in (90, 100, 120, 121):
     major = arch // 10
     st = {c.num_stages for c in dk.aot_configs(arch)}
     assert st == {dk.config_for_major(major)['num_stages']}, (arch, st)
-    tab = pf.config_table(major)
-    got = {(c.args['G'], c.args['BMT'], c.args['BNS'], c.num_warps, c.num_stages) for c in pf.aot_configs(arch)}
-    assert got == {(G, t[0], t[1], t[2], t[3]) for G, t in tab.items()}, (arch, got)
+    cfgs = pf.aot_configs(arch)
+    for nv in (0, 1):  # element K/V, NVFP4 K/V (KV_FMT=1, its own table)
+        got = {(c.args['G'], c.args['BMT'], c.args['BNS'], c.num_warps, c.num_stages) for c in cfgs
+               if c.args['KV_FMT'] == nv}
+        t_nv = pf.config_table(major, nvfp4=bool(nv))
+        assert got == {(G, t[0], t[1], t[2], t[3]) for G, t in t_nv.items()}, (arch, nv, got)
 assert pf.config_table(12) is pf._CFG_SM12 and pf.config_table(9) is pf._CFG_SM90
 assert pf._CFG_SM90[16] == (8, 128, 8, 3, True) and pf._CFG_SM90[1] == (64, 128, 4, 2, True)
 assert pf.config_table(10) is pf._CFG_SM100 and all(c[3] <= 2 for c in pf._CFG_SM100.values())

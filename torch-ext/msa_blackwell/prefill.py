@@ -52,6 +52,16 @@ Design (query-outer, one Triton kernel family; no host sync, graph-capturable):
 Precision: bf16/fp16 Q/K/V feed ``tl.dot`` directly; fp8 K/V (and fp8 Q) are widened exactly to bf16
 in registers (so bf16 Q + fp8 K/V equals the bf16 call on ``k.to(bf16)``). P is rounded to the
 compute dtype (bf16/fp16) before PV. LSE is natural-log fp32; empty rows give O = 0 and LSE = -inf.
+
+NVFP4 K/V (``sparse_atten_nvfp4_kv_func``, API.md 5.13): the same kernel with the constexpr ``KV_FMT=1``
+(the native path, ``KV_FMT=0``, is generated exactly as before). K/V are packed E2M1 bytes (dense
+``[total_k, Hkv, 64]`` / paged ``[num_pages, Hkv, 128, 64]``, any strides) with 128x4-swizzled E4M3 scale
+buffers ``KS``/``VS``; where the element path loads a ``[BNS, 128]`` K or V sub-block, ``nvfp4_tile`` reads the
+packed bytes and the scales of those rows (scale row ``t*Hkv + h`` dense, ``(page*Hkv + h)*128 + s`` paged)
+and returns ``e2m1*scale`` in the compute dtype (exact in bf16/fp16), so no dequantised K/V ever exists in
+memory. The global scales are read from device pointers: ``k_global`` multiplies ``qk_scale``/``tau_scale``
+(``HAS_KG``), ``v_global`` the normalised output (``HAS_VG``); absent = 1.0. Tiles: ``_CFG_NVFP4_SM*``
+(the arch's tiles with smaller K/V sub-blocks, since the dequantised sub-block lives in registers).
 """
 
 import math
@@ -67,6 +77,7 @@ from ._validate import (FP8, attention_out_dtype, check_devices, check_gqa, chec
                         default_scale, interpreter_active)
 from .csr import KV_BLOCK, check_cu_seqlens, invert_csr_slots, slot_capacity
 from .errors import MsaUnsupportedError
+from .nvfp4_tile import nvfp4_tile
 
 __all__ = ["sparse_atten_func"]
 
@@ -74,10 +85,16 @@ _LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _attend_sub_block(q, acc, m_i, l_i, m2, l2, sel, cur, cn, K, V, PT, b, g, d, ks, lk, lim_r, total_k, num_pages,
-                      sk_0, sk_1, sk_2, sk_3, sv_0, sv_1, sv_2, sv_3, spt_b, spt_p, qk_scale, tau_scale,
-                      CAUSAL: tl.constexpr, PAGED: tl.constexpr, HAS_TAU: tl.constexpr, CDT: tl.constexpr):
-    """One [BNS]-token sub-block (columns ``cn``) of block ``cur``: masked QK^T, online softmax, PV."""
+def _attend_sub_block(q, acc, m_i, l_i, m2, l2, sel, cur, cn, K, V, KS, VS, PT, b, g, nkv, d, ks, lk, lim_r, total_k,
+                      num_pages, sk_0, sk_1, sk_2, sk_3, sv_0, sv_1, sv_2, sv_3, spt_b, spt_p, qk_scale, tau_scale,
+                      CAUSAL: tl.constexpr, PAGED: tl.constexpr, HAS_TAU: tl.constexpr, CDT: tl.constexpr,
+                      KV_FMT: tl.constexpr, BNS: tl.constexpr, D: tl.constexpr):
+    """One [BNS]-token sub-block (columns ``cn``) of block ``cur``: masked QK^T, online softmax, PV.
+
+    KV_FMT 0: K/V are [.., D] element tensors (bf16/fp16/fp8, widened to CDT). KV_FMT 1: K/V are packed
+    NVFP4 bytes [.., D/2] with 128x4-swizzled scales KS/VS, read by ``nvfp4_tile`` (``e2m1*scale``, exact
+    in CDT; the global scales are applied by the caller: k_global in ``qk_scale``, v_global to O).
+    """
     x = cur * 128 + cn
     col_ok = x < lk
     if PAGED:
@@ -85,14 +102,30 @@ def _attend_sub_block(q, acc, m_i, l_i, m2, l2, sel, cur, cn, K, V, PT, b, g, d,
         pg_ok = (page >= 0) & (page < num_pages)
         pg = tl.where(pg_ok, page, 0).to(tl.int64)
         col_ok = col_ok & pg_ok
-        kp = K + pg * sk_0 + g * sk_1 + cn.to(tl.int64)[:, None] * sk_2 + d[None, :] * sk_3
-        vp = V + pg * sv_0 + g * sv_1 + cn.to(tl.int64)[:, None] * sv_2 + d[None, :] * sv_3
+        if KV_FMT == 1:
+            kbo = pg * sk_0 + g * sk_1 + cn.to(tl.int64) * sk_2
+            vbo = pg * sv_0 + g * sv_1 + cn.to(tl.int64) * sv_2
+            srow = (pg * nkv + g) * 128 + cn.to(tl.int64)  # paged scale row (page*Hkv + h)*128 + s
+        else:
+            kp = K + pg * sk_0 + g * sk_1 + cn.to(tl.int64)[:, None] * sk_2 + d[None, :] * sk_3
+            vp = V + pg * sv_0 + g * sv_1 + cn.to(tl.int64)[:, None] * sv_2 + d[None, :] * sv_3
     else:
         xg = (ks + x).to(tl.int64)
         col_ok = col_ok & (xg >= 0) & (xg < total_k)
-        kp = K + xg[:, None] * sk_0 + g * sk_1 + d[None, :] * sk_2
-        vp = V + xg[:, None] * sv_0 + g * sv_1 + d[None, :] * sv_2
-    k = tl.load(kp, mask=col_ok[:, None], other=0.0).to(CDT)
+        if KV_FMT == 1:
+            kbo = xg * sk_0 + g * sk_1
+            vbo = xg * sv_0 + g * sv_1
+            srow = xg * nkv + g  # dense scale row t*Hkv + h
+        else:
+            kp = K + xg[:, None] * sk_0 + g * sk_1 + d[None, :] * sk_2
+            vp = V + xg[:, None] * sv_0 + g * sv_1 + d[None, :] * sv_2
+    if KV_FMT == 1:
+        if PAGED:
+            k = nvfp4_tile(K, KS, kbo, srow, col_ok, sk_3, BNS, D, CDT)
+        else:
+            k = nvfp4_tile(K, KS, kbo, srow, col_ok, sk_2, BNS, D, CDT)
+    else:
+        k = tl.load(kp, mask=col_ok[:, None], other=0.0).to(CDT)
     s = tl.dot(q, tl.trans(k))
     ok = sel[:, None] & col_ok[None, :]
     if CAUSAL:
@@ -103,7 +136,13 @@ def _attend_sub_block(q, acc, m_i, l_i, m2, l2, sel, cur, cn, K, V, PT, b, g, d,
     alpha = tl.exp2(m_i - m_safe)
     p = tl.exp2(s2 - m_safe[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
-    vv = tl.load(vp, mask=col_ok[:, None], other=0.0).to(CDT)
+    if KV_FMT == 1:
+        if PAGED:
+            vv = nvfp4_tile(V, VS, vbo, srow, col_ok, sv_3, BNS, D, CDT)
+        else:
+            vv = nvfp4_tile(V, VS, vbo, srow, col_ok, sv_2, BNS, D, CDT)
+    else:
+        vv = tl.load(vp, mask=col_ok[:, None], other=0.0).to(CDT)
     acc = acc * alpha[:, None] + tl.dot(p.to(CDT), vv)
     if HAS_TAU:
         s3 = tl.where(ok, s * tau_scale, float("-inf"))
@@ -122,7 +161,7 @@ def _keep_run_start(a, b):
 
 @triton.jit
 def _prefill_fwd_kernel(
-    Q, K, V, O, LSE, LSET, SLOTS, CUQ, CUK, PT, SEQU, ULIST,
+    Q, K, V, O, LSE, LSET, SLOTS, CUQ, CUK, PT, SEQU, ULIST, KS, VS, KG, VG,
     sq_t, sq_h, sq_d,
     sk_0, sk_1, sk_2, sk_3,
     sv_0, sv_1, sv_2, sv_3,
@@ -132,6 +171,7 @@ def _prefill_fwd_kernel(
     CAUSAL: tl.constexpr, PAGED: tl.constexpr, HAS_SEQU: tl.constexpr, HAS_TAU: tl.constexpr,
     BMT: tl.constexpr, G: tl.constexpr, CAP: tl.constexpr, D: tl.constexpr, BN: tl.constexpr,
     BNS: tl.constexpr, LIST: tl.constexpr,
+    KV_FMT: tl.constexpr, HAS_KG: tl.constexpr, HAS_VG: tl.constexpr,
 ):
     M: tl.constexpr = BMT * G
     BIG: tl.constexpr = 1 << 30
@@ -139,6 +179,11 @@ def _prefill_fwd_kernel(
     CDT = O.dtype.element_ty
     pid = tl.program_id(0)
     g = tl.program_id(1)
+    nkv = tl.num_programs(1)
+    if HAS_KG:  # NVFP4 K global scale, folded into the logit scales (read on the device: no host sync)
+        kgs = tl.load(KG)
+        qk_scale = qk_scale * kgs
+        tau_scale = tau_scale * kgs
 
     # ---- tile -> (request, first local token) --------------------------------------------------
     lo = pid * 0
@@ -226,9 +271,9 @@ def _prefill_fwd_kernel(
                 sel = tl.max(tl.where(ids_r == cur, 1, 0), axis=1) > 0
                 cn = hh * BNS + tl.arange(0, BNS)
                 m_i, l_i, acc, m2, l2 = _attend_sub_block(
-                    q, acc, m_i, l_i, m2, l2, sel, cur, cn, K, V, PT, b, g, d, ks, lk, lim_r, total_k, num_pages,
-                    sk_0, sk_1, sk_2, sk_3, sv_0, sv_1, sv_2, sv_3, spt_b, spt_p, qk_scale, tau_scale,
-                    CAUSAL, PAGED, HAS_TAU, CDT)
+                    q, acc, m_i, l_i, m2, l2, sel, cur, cn, K, V, KS, VS, PT, b, g, nkv, d, ks, lk, lim_r, total_k,
+                    num_pages, sk_0, sk_1, sk_2, sk_3, sv_0, sv_1, sv_2, sv_3, spt_b, spt_p, qk_scale, tau_scale,
+                    CAUSAL, PAGED, HAS_TAU, CDT, KV_FMT, BNS, D)
         else:
             # number of distinct blocks of the tile (so that the main loop is a `for`), then next-minimum
             n_u = zero
@@ -245,13 +290,15 @@ def _prefill_fwd_kernel(
                 for hh in tl.static_range(BN // BNS):
                     cn = hh * BNS + tl.arange(0, BNS)
                     m_i, l_i, acc, m2, l2 = _attend_sub_block(
-                        q, acc, m_i, l_i, m2, l2, sel, cur, cn, K, V, PT, b, g, d, ks, lk, lim_r, total_k,
-                        num_pages, sk_0, sk_1, sk_2, sk_3, sv_0, sv_1, sv_2, sv_3, spt_b, spt_p, qk_scale,
-                        tau_scale, CAUSAL, PAGED, HAS_TAU, CDT)
+                        q, acc, m_i, l_i, m2, l2, sel, cur, cn, K, V, KS, VS, PT, b, g, nkv, d, ks, lk, lim_r,
+                        total_k, num_pages, sk_0, sk_1, sk_2, sk_3, sv_0, sv_1, sv_2, sv_3, spt_b, spt_p, qk_scale,
+                        tau_scale, CAUSAL, PAGED, HAS_TAU, CDT, KV_FMT, BNS, D)
 
         nonempty = l_i > 0
         l_safe = tl.where(nonempty, l_i, 1.0)
         o = acc / l_safe[:, None]
+        if HAS_VG:  # NVFP4 V global scale, applied once to the normalised output
+            o = o * tl.load(VG)
         orow = t_r.to(tl.int64) * Hq + head
         tl.store(O + orow[:, None] * D + d[None, :], o.to(CDT), mask=row_ok[:, None])
         lse = tl.where(nonempty, (m_i + tl.log2(l_safe)) * LN2, float("-inf"))
@@ -275,73 +322,127 @@ _CFG_SM12 = {G: (max(1, 64 // G), 64, 4, 2, True) for G in _TILE_TOKENS}
 _CFG_SM100 = {G: (c[0], c[1], c[2], min(c[3], 2), c[4]) for G, c in _CFG_SM90.items()}
 
 
-def _launch_config(G: int, device: torch.device):
+def _nvfp4_table(table, bns: int, min_warps: int):
+    """NVFP4 K/V (``KV_FMT=1``) tiles: the arch's table (same BMT, stages, LIST) with at most ``bns``-token
+    sub-blocks and at least ``min_warps`` warps: the K/V sub-block is dequantised in registers (``[BNS, 128]``
+    fp32 before the cast), so the element path's sub-block size spills. Local-memory (spill) instructions
+    inside the MMA main loop (scripts/aot_check.py, Triton 3.8 ptxas), paged + seqused_k + tau + causal,
+    CAP 32 / 128:
+
+    * sm_90, M = 128 (G 4/8/16): BNS 128: 81 (G16/CAP32), BNS 64: 0-4. M = 64 (G 1/2, 4 warps): BNS 64: 15-48,
+      8 warps: 5 (G1).
+    * sm_100 (M = 128, 2 stages): BNS 64: 175-261, BNS 32: 0 (G16/CAP32). (The bf16 path: 465 at BNS 128.)
+    * sm_12x (M = 64, 4 warps): BNS 64: 35-100, BNS 32: 12 (G16/CAP32), 24-66 (CAP 128). (The bf16 path: 23.)
+    With these tables: sm_90 0-5, sm_100 0 (G16/CAP32, G2), 10 (G1), ~70 (G4/G8 at CAP 128). Timing unmeasured.
+    """
+    return {G: (c[0], min(c[1], bns), max(c[2], min_warps), c[3], c[4]) for G, c in table.items()}
+
+
+_CFG_NVFP4_SM90 = _nvfp4_table(_CFG_SM90, 64, 8)
+_CFG_NVFP4_SM100 = _nvfp4_table(_CFG_SM100, 32, 8)
+_CFG_NVFP4_SM12 = _nvfp4_table(_CFG_SM12, 32, 4)
+
+
+def _launch_config(G: int, device: torch.device, nvfp4: bool = False):
     """(tokens per tile BMT, KV sub-block BNS, num_warps, num_stages, LIST). M = BMT*G MMA rows.
 
     ``MSA_PREFILL_CFG="bmt,bns,warps,stages[,list]"`` overrides it (tuning only; BMT*G >= 16, BNS | 128;
-    ``list`` 1 = precomputed block list loop, 0 = in-loop next-minimum).
+    ``list`` 1 = precomputed block list loop, 0 = in-loop next-minimum). ``nvfp4``: the packed NVFP4 K/V
+    variant (``KV_FMT=1``): ``config_table(major, nvfp4=True)``, overridden by ``MSA_PREFILL_NVFP4_CFG`` (same
+    format) instead.
     """
-    env = os.environ.get("MSA_PREFILL_CFG")
+    env = os.environ.get("MSA_PREFILL_NVFP4_CFG" if nvfp4 else "MSA_PREFILL_CFG")
     if env:
         f = [int(x) for x in env.split(",")]
         return f[0], f[1], f[2], f[3], bool(f[4]) if len(f) > 4 else True
     if interpreter_active():
         return max(1, 16 // G), 128, 4, 1, True
     major = torch.cuda.get_device_capability(device)[0] if device.type == "cuda" else 9
-    return config_table(major)[G]
+    return config_table(major, nvfp4)[G]
 
 
-def config_table(major: int):
-    """Per-G tile table used on compute-capability major ``major`` (9: ``_CFG_SM90``, 10: ``_CFG_SM100``, 12: ``_CFG_SM12``)."""
+def config_table(major: int, nvfp4: bool = False):
+    """Per-G tile table used on compute-capability major ``major`` (9: ``_CFG_SM90``, 10: ``_CFG_SM100``, 12: ``_CFG_SM12``;
+    ``nvfp4``: the NVFP4-K/V variants ``_CFG_NVFP4_SM*`` derived from them)."""
     if major >= 12:
-        return _CFG_SM12
-    return _CFG_SM100 if major == 10 else _CFG_SM90
+        return _CFG_NVFP4_SM12 if nvfp4 else _CFG_SM12
+    if major == 10:
+        return _CFG_NVFP4_SM100 if nvfp4 else _CFG_SM100
+    return _CFG_NVFP4_SM90 if nvfp4 else _CFG_SM90
 
 
-# (q dtype, kv dtype) pairs; output dtype bf16 for fp8 q, else q's (the kernel's compute dtype = O's)
-_AOT_DTYPES = ((torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16), (torch.bfloat16, FP8), (FP8, FP8))
+# (q dtype, kv dtype) pairs; output dtype bf16 for fp8 q, else q's (the kernel's compute dtype = O's).
+# kv dtype uint8 = packed NVFP4 (KV_FMT=1, scales + global-scale pointers).
+_AOT_DTYPES = ((torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16), (torch.bfloat16, FP8), (FP8, FP8),
+               (torch.bfloat16, torch.uint8), (torch.float16, torch.uint8), (FP8, torch.uint8))
 
 
 def aot_configs(arch: int, full: bool = False):
     """``AotConfig`` list (see ``_aot``) for ``_prefill_fwd_kernel`` on compute capability ``arch``.
 
-    From ``config_table``: every G in ``_TILE_TOKENS``. ``full``: every slot capacity (topK 1..64 ->
-    CAP 2..128) x dtype pair x (causal, paged, seqused_k, tau) flags. CI subset: CAP 128 (the largest: the prologue
-    sorts BMT*CAP ids), plus CAP 32 (M3's topK 16) for G = 16, causal + paged + seqused_k + tau on, bf16 for every
-    G plus fp8 Q/K/V for the M3 GQA ratio 16.
+    Tiles from ``config_table(major)`` (NVFP4 K/V: ``config_table(major, nvfp4=True)``), every G in
+    ``_TILE_TOKENS``. ``full``: every slot capacity (topK 1..64 -> CAP 2..128) x dtype pair x (causal, paged,
+    seqused_k, tau) flags (NVFP4: x global scales both present / both None). CI subset: CAP 128 (the largest: the
+    prologue sorts BMT*CAP ids), plus CAP 32 (M3's topK 16) for G = 16; causal + paged + seqused_k + tau on;
+    bf16 for every G plus fp8 Q/K/V for the M3 GQA ratio 16; NVFP4 K/V (KV_FMT=1, both global scales) with
+    bf16 Q for every G (CAP 128; G = 16: CAP 32), plus fp16 Q and the dense layout (causal, bf16 Q) for
+    G = 16 / CAP 32. fp8 Q with NVFP4 K/V is the bf16-Q kernel apart from Q's load (widened to bf16 in
+    registers), and None global scales only drop two scalar loads: ``full`` only.
     """
     from ._aot import AotConfig, dedupe, major_of, torch_to_tl_name
 
     table = config_table(major_of(arch))
+    nv_table = config_table(major_of(arch), nvfp4=True)
     caps_all = sorted({slot_capacity(t) for t in range(1, 65)})
     flag_sets = ([(c, pg, sq, tau) for c in (False, True) for pg in (False, True) for sq in ((False, True) if pg else (False,))
                   for tau in (False, True)] if full else [(True, True, True, True)])
     out = []
-    for G, (bmt, bns, nw, ns, use_list) in table.items():
-        dts = _AOT_DTYPES if full else (_AOT_DTYPES[:1] + ((_AOT_DTYPES[3],) if G == 16 else ()))
+    for G in table:
+        if full:
+            dts = _AOT_DTYPES
+        else:
+            dts = _AOT_DTYPES[:1] + ((_AOT_DTYPES[3],) if G == 16 else ())
         for cap in (caps_all if full else ((32, 128) if G == 16 else (128,))):
-            for qd, kd in dts:
+            m3 = not full and G == 16 and cap == 32
+            nv_ci = ((torch.bfloat16, torch.uint8),) if (G != 16 or m3) else ()
+            for qd, kd in dts + ((nv_ci + ((torch.float16, torch.uint8),) if m3 else nv_ci) if not full else ()):
                 od = torch.bfloat16 if qd == FP8 else qd
-                for causal, paged, sequ, tau in flag_sets:
-                    args = {n: "i32:D" for n in _prefill_fwd_kernel.arg_names}
-                    args.update(Q="*" + torch_to_tl_name(qd), K="*" + torch_to_tl_name(kd),
-                                V="*" + torch_to_tl_name(kd), O="*" + torch_to_tl_name(od), LSE="*fp32", LSET="*fp32",
-                                SLOTS="*i32", CUQ="*i32", CUK="*i32", PT="*i32", SEQU="*i32", ULIST="*i32",
-                                sq_d=1, sk_3=1 if paged else "i32:D", sk_2="i32:D" if paged else 1,
-                                sv_3=1 if paged else "i32:D", sv_2="i32:D" if paged else 1, spt_p=1,
-                                total_q="i32", total_k="i32", num_pages="i32", max_pages="i32", B="i32", niter="i32",
-                                qk_scale="fp32", tau_scale="fp32",
-                                CAUSAL=causal, PAGED=paged, HAS_SEQU=sequ, HAS_TAU=tau, BMT=bmt, G=G, CAP=cap,
-                                D=128, BN=KV_BLOCK, BNS=bns, LIST=use_list)
-                    label = (f"G{G} BMT{bmt} M{bmt * G} BNS{bns} CAP{cap} list{int(use_list)} "
-                             f"q{torch_to_tl_name(qd)}/kv{torch_to_tl_name(kd)} "
-                             f"c{int(causal)}p{int(paged)}u{int(sequ)}t{int(tau)}")
-                    out.append(AotConfig(_prefill_fwd_kernel, args, nw, ns, label, hot=True))
+                nv = kd == torch.uint8
+                bmt, bns, nw, ns, use_list = (nv_table if nv else table)[G]
+                fl = flag_sets
+                if m3 and qd == torch.bfloat16 and nv:
+                    fl = flag_sets + [(True, False, False, False)]  # + dense NVFP4 K/V (M3 shape)
+                for causal, paged, sequ, tau in fl:
+                    for gs in (((False, False), (True, True)) if (nv and full) else ((nv, nv),)):
+                        args = {n: "i32:D" for n in _prefill_fwd_kernel.arg_names}
+                        args.update(Q="*" + torch_to_tl_name(qd), K="*" + torch_to_tl_name(kd),
+                                    V="*" + torch_to_tl_name(kd), O="*" + torch_to_tl_name(od), LSE="*fp32",
+                                    LSET="*fp32", SLOTS="*i32", CUQ="*i32", CUK="*i32", PT="*i32", SEQU="*i32",
+                                    ULIST="*i32", KS="*u8" if nv else "*i32", VS="*u8" if nv else "*i32",
+                                    KG="*fp32" if gs[0] else "*i32", VG="*fp32" if gs[1] else "*i32",
+                                    sq_d=1, sk_3=1 if paged else "i32:D", sk_2="i32:D" if paged else 1,
+                                    sv_3=1 if paged else "i32:D", sv_2="i32:D" if paged else 1, spt_p=1,
+                                    total_q="i32", total_k="i32", num_pages="i32", max_pages="i32", B="i32",
+                                    niter="i32", qk_scale="fp32", tau_scale="fp32",
+                                    CAUSAL=causal, PAGED=paged, HAS_SEQU=sequ, HAS_TAU=tau, BMT=bmt, G=G, CAP=cap,
+                                    D=128, BN=KV_BLOCK, BNS=bns, LIST=use_list, KV_FMT=int(nv), HAS_KG=gs[0],
+                                    HAS_VG=gs[1])
+                        label = (f"G{G} BMT{bmt} M{bmt * G} BNS{bns} CAP{cap} list{int(use_list)} "
+                                 f"q{torch_to_tl_name(qd)}/kv{'nvfp4' if nv else torch_to_tl_name(kd)} "
+                                 f"c{int(causal)}p{int(paged)}u{int(sequ)}t{int(tau)}"
+                                 + (f" gs{int(gs[0])}{int(gs[1])}" if nv else ""))
+                        out.append(AotConfig(_prefill_fwd_kernel, args, nw, ns, label, hot=True))
     return dedupe(out)
 
 
 def _prefill_launch(q, k, v, row_ptr, q_idx, cu_q, cu_k, page_table, seqused_k, topk, causal, scale, tau,
-                    with_tau, out_dtype):
+                    with_tau, out_dtype, nvfp4=None):
+    """Allocate O / LSE / LSE_T, invert the CSR and launch ``_prefill_fwd_kernel``.
+
+    ``nvfp4``: ``None`` for element K/V (``[.., 128]``), or ``(k_scale, v_scale, k_global, v_global)`` for
+    packed NVFP4 K/V (``[.., 64]`` uint8; scales uint8 128x4-swizzled, contiguous; globals fp32 tensors
+    (element 0) or ``None``): the kernel then runs with ``KV_FMT=1`` and never materialises K/V.
+    """
     total_q, hq, d = q.shape
     paged = page_table is not None
     hkv = k.shape[1]
@@ -361,7 +462,7 @@ def _prefill_launch(q, k, v, row_ptr, q_idx, cu_q, cu_k, page_table, seqused_k, 
     cu_k = cu_k.contiguous()
     cap = slot_capacity(topk)
     slots = invert_csr_slots(row_ptr, q_idx, cu_q, cu_k, total_q, cap)
-    bmt, bns, nw, ns, use_list = _launch_config(G, q.device)
+    bmt, bns, nw, ns, use_list = _launch_config(G, q.device, nvfp4 is not None)
     n_tiles = (total_q + batch * (bmt - 1)) // bmt + 1
     # per-program scratch for the ascending block list of the tile (only the first n_u entries are written)
     ulist = torch.empty((n_tiles * hkv * bmt * cap) if use_list else 1, dtype=torch.int32, device=q.device)
@@ -378,15 +479,22 @@ def _prefill_launch(q, k, v, row_ptr, q_idx, cu_q, cu_k, page_table, seqused_k, 
         num_pages, max_pages = 0, 0
         total_k = k.shape[0]
     dummy = cu_q
+    if nvfp4 is None:
+        kv_fmt, ksc, vsc, kgs, vgs = 0, dummy, dummy, dummy, dummy
+    else:
+        kv_fmt, (ksc, vsc, kgs, vgs) = 1, nvfp4
     _prefill_fwd_kernel[(n_tiles, hkv)](
         q, k, v, out, lse, lse_t if with_tau else lse, slots, cu_q, cu_k,
         page_table if paged else dummy, seqused_k if seqused_k is not None else dummy, ulist,
+        ksc, vsc, kgs if kgs is not None else dummy, vgs if vgs is not None else dummy,
         q.stride(0), q.stride(1), q.stride(2),
         sk[0], sk[1], sk[2], sk[3], sv[0], sv[1], sv[2], sv[3], spt[0], spt[1],
         total_q, total_k, num_pages, max_pages, batch, max(1, int(batch).bit_length() + 1), hq,
         scale * _LOG2E, scale * _LOG2E / tau,
         CAUSAL=bool(causal), PAGED=paged, HAS_SEQU=seqused_k is not None, HAS_TAU=bool(with_tau),
-        BMT=bmt, G=G, CAP=cap, D=d, BN=KV_BLOCK, BNS=bns, LIST=use_list, num_warps=nw, num_stages=ns,
+        BMT=bmt, G=G, CAP=cap, D=d, BN=KV_BLOCK, BNS=bns, LIST=use_list,
+        KV_FMT=kv_fmt, HAS_KG=kv_fmt == 1 and kgs is not None, HAS_VG=kv_fmt == 1 and vgs is not None,
+        num_warps=nw, num_stages=ns,
     )
     return out, lse, lse_t
 
@@ -458,55 +566,20 @@ def sparse_atten_func(q, k, v, k2q_row_ptr, k2q_q_indices, topK, *, cu_seqlens_q
     hkv = k.shape[1]
     check_gqa(hq, hkv)
 
-    # ---- CSR ------------------------------------------------------------------------------------
-    for name, t in (("k2q_row_ptr", k2q_row_ptr), ("k2q_q_indices", k2q_q_indices)):
-        check_tensor(name, t, dtypes=(torch.int32,))
-        if t.dim() != 2 or t.shape[0] != hkv:
-            raise ValueError(f"{name} must be 2-D [Hkv={hkv}, *], got shape {tuple(t.shape)}")
-    if isinstance(topK, bool) or not isinstance(topK, int):
-        raise TypeError(f"topK must be an int, got {type(topK).__name__}")
-    if not 1 <= topK <= 64:
-        raise ValueError(f"topK must be in [1, 64], got {topK}")
-    if k2q_q_indices.shape[1] < total_q * topK:
-        raise ValueError(f"k2q_q_indices.shape[1] ({k2q_q_indices.shape[1]}) must be >= total_q*topK "
-                         f"({total_q * topK})")
-    if k2q_row_ptr.shape[1] < 1:
-        raise ValueError("k2q_row_ptr must have at least one column [Hkv, T+1]")
-    batch = check_cu_seqlens(cu_seqlens_q, cu_seqlens_k)
+    batch = check_prefill_csr(hkv, total_q, k2q_row_ptr, k2q_q_indices, topK, cu_seqlens_q, cu_seqlens_k)
 
     # ---- dense / paged KV -----------------------------------------------------------------------
-    if isinstance(blk_kv, bool) or not isinstance(blk_kv, int):
-        raise TypeError(f"blk_kv must be an int, got {type(blk_kv).__name__}")
     if not paged:
         if seqused_k is not None:
             raise ValueError("seqused_k is only supported together with page_table")
         if k.shape != v.shape or k.shape[1:] != (hkv, d):
             raise ValueError(f"dense k and v must both be [total_k, Hkv, {d}], got {tuple(k.shape)} and {tuple(v.shape)}")
-        if blk_kv != KV_BLOCK:
-            raise MsaUnsupportedError(f"blk_kv={blk_kv} is not supported; only 128")
-    else:
-        check_tensor("page_table", page_table, dtypes=(torch.int32,))
-        if page_table.dim() != 2 or page_table.shape[0] != batch:
-            raise ValueError(f"page_table must be [B={batch}, max_pages], got shape {tuple(page_table.shape)}")
-        if k.shape != v.shape:
-            raise ValueError(f"paged k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
-        if k.shape[2] != blk_kv:
-            raise ValueError(f"k.shape[2] ({k.shape[2]}) must equal blk_kv ({blk_kv})")
-        if blk_kv != KV_BLOCK:
-            raise MsaUnsupportedError(f"blk_kv={blk_kv} is not supported; only 128")
-        if seqused_k is not None:
-            check_tensor("seqused_k", seqused_k, dtypes=(torch.int32,))
-            if seqused_k.dim() != 1 or seqused_k.shape[0] != batch:
-                raise ValueError(f"seqused_k must be [B={batch}], got shape {tuple(seqused_k.shape)}")
+    elif k.shape != v.shape:
+        raise ValueError(f"paged k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    check_prefill_paging(page_table, seqused_k, batch, blk_kv, int(k.shape[2]) if paged else None)
 
     # ---- scalars / advisory args ----------------------------------------------------------------
-    tau = float(lse_temperature_scale)
-    if not math.isfinite(tau) or tau <= 0:
-        raise ValueError(f"lse_temperature_scale must be finite and > 0, got {lse_temperature_scale}")
-    if return_temperature_lse and not return_softmax_lse:
-        raise ValueError("return_temperature_lse=True requires return_softmax_lse=True")
-    if not isinstance(partial_dtype, torch.dtype) or partial_dtype not in _PARTIAL_DTYPES:
-        raise TypeError(f"partial_dtype must be one of float32, bfloat16, float16, float8_e4m3fn, got {partial_dtype}")
+    tau = check_prefill_scalars(lse_temperature_scale, return_temperature_lse, return_softmax_lse, partial_dtype)
     if _check_opt_dtype("qk_dtype", qk_dtype) is not None and qk_dtype != q.dtype:
         raise ValueError(f"qk_dtype ({qk_dtype}) must equal q.dtype ({q.dtype}); Q fp8->bf16 staging is not supported")
     if _check_opt_dtype("pv_dtype", pv_dtype) is not None:
@@ -522,6 +595,64 @@ def sparse_atten_func(q, k, v, k2q_row_ptr, k2q_q_indices, topK, *, cu_seqlens_q
     with_tau = bool(return_temperature_lse) and abs(tau - 1.0) > 1e-12
     out, lse, lse_t = _sparse_prefill_op(q, k, v, k2q_row_ptr, k2q_q_indices, cu_seqlens_q, cu_seqlens_k,
                                          page_table, seqused_k, topK, bool(causal), scale, tau, with_tau)
+    return prefill_returns(out, lse, lse_t, return_softmax_lse, return_temperature_lse, with_tau)
+
+
+def check_prefill_csr(hkv: int, total_q: int, k2q_row_ptr, k2q_q_indices, topK, cu_seqlens_q, cu_seqlens_k) -> int:
+    """CSR / topK / cu_seqlens checks of API.md 5.5 (shared with ``sparse_atten_nvfp4_kv_func``). Returns B."""
+    for name, t in (("k2q_row_ptr", k2q_row_ptr), ("k2q_q_indices", k2q_q_indices)):
+        check_tensor(name, t, dtypes=(torch.int32,))
+        if t.dim() != 2 or t.shape[0] != hkv:
+            raise ValueError(f"{name} must be 2-D [Hkv={hkv}, *], got shape {tuple(t.shape)}")
+    if isinstance(topK, bool) or not isinstance(topK, int):
+        raise TypeError(f"topK must be an int, got {type(topK).__name__}")
+    if not 1 <= topK <= 64:
+        raise ValueError(f"topK must be in [1, 64], got {topK}")
+    if k2q_q_indices.shape[1] < total_q * topK:
+        raise ValueError(f"k2q_q_indices.shape[1] ({k2q_q_indices.shape[1]}) must be >= total_q*topK "
+                         f"({total_q * topK})")
+    if k2q_row_ptr.shape[1] < 1:
+        raise ValueError("k2q_row_ptr must have at least one column [Hkv, T+1]")
+    return check_cu_seqlens(cu_seqlens_q, cu_seqlens_k)
+
+
+def check_prefill_paging(page_table, seqused_k, batch: int, blk_kv, page_dim: Optional[int]):
+    """blk_kv / page_table / seqused_k checks of API.md 5.5. ``page_dim``: k.shape[2] when paged (else None)."""
+    if isinstance(blk_kv, bool) or not isinstance(blk_kv, int):
+        raise TypeError(f"blk_kv must be an int, got {type(blk_kv).__name__}")
+    if page_table is None:
+        if seqused_k is not None:
+            raise ValueError("seqused_k is only supported together with page_table")
+        if blk_kv != KV_BLOCK:
+            raise MsaUnsupportedError(f"blk_kv={blk_kv} is not supported; only 128")
+        return
+    check_tensor("page_table", page_table, dtypes=(torch.int32,))
+    if page_table.dim() != 2 or page_table.shape[0] != batch:
+        raise ValueError(f"page_table must be [B={batch}, max_pages], got shape {tuple(page_table.shape)}")
+    if page_dim != blk_kv:
+        raise ValueError(f"k.shape[2] ({page_dim}) must equal blk_kv ({blk_kv})")
+    if blk_kv != KV_BLOCK:
+        raise MsaUnsupportedError(f"blk_kv={blk_kv} is not supported; only 128")
+    if seqused_k is not None:
+        check_tensor("seqused_k", seqused_k, dtypes=(torch.int32,))
+        if seqused_k.dim() != 1 or seqused_k.shape[0] != batch:
+            raise ValueError(f"seqused_k must be [B={batch}], got shape {tuple(seqused_k.shape)}")
+
+
+def check_prefill_scalars(lse_temperature_scale, return_temperature_lse, return_softmax_lse, partial_dtype) -> float:
+    """tau / LSE flags / partial_dtype checks of API.md 5.5. Returns tau as a float."""
+    tau = float(lse_temperature_scale)
+    if not math.isfinite(tau) or tau <= 0:
+        raise ValueError(f"lse_temperature_scale must be finite and > 0, got {lse_temperature_scale}")
+    if return_temperature_lse and not return_softmax_lse:
+        raise ValueError("return_temperature_lse=True requires return_softmax_lse=True")
+    if not isinstance(partial_dtype, torch.dtype) or partial_dtype not in _PARTIAL_DTYPES:
+        raise TypeError(f"partial_dtype must be one of float32, bfloat16, float16, float8_e4m3fn, got {partial_dtype}")
+    return tau
+
+
+def prefill_returns(out, lse, lse_t, return_softmax_lse, return_temperature_lse, with_tau):
+    """O, (O, LSE) or (O, LSE, LSE_T); LSE_T is LSE itself when tau is 1 (identity fast path)."""
     if not return_softmax_lse:
         return out
     if not return_temperature_lse:

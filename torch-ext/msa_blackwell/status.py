@@ -34,7 +34,7 @@ V1_AVAILABLE_FUNCTIONS = OFFICIAL_MINIMAX_MSA_FUNCTIONS + (
 _TARGET = "NVIDIA compute capability 9.0, 10.0, 12.0, 12.1 (Triton + native CUDA top-k)"
 _REASONS = {
     "sparse_atten_func": "Triton block-sparse prefill over dense or paged KV (CSR input)",
-    "sparse_atten_nvfp4_kv_func": "NVFP4 K/V dequantised on device, then the Triton prefill kernel (not yet fused)",
+    "sparse_atten_nvfp4_kv_func": "Triton prefill kernel reading packed NVFP4 K/V + 128x4 scales in its loop (fused, no bf16 K/V)",
     "sparse_decode_atten_func": "Triton split-KV sparse/dense paged decode with fused combine",
     "SparseDecodePagedAttentionWrapper": "plan/run wrapper over the decode kernel; run is CUDA-graph capturable",
     "fp4_indexer_block_scores": "Triton FP4 (nvfp4/mxfp4) block-max scorer",
