@@ -192,7 +192,12 @@ def check_vs_float64(out, lse, inp, *, causal, rows=None, lse_t=None, **kw):
     l_ = lse.cpu()[idx]
     empty = torch.isneginf(l_ref)
     assert (o.double()[empty] == 0).all(), "empty rows must give O == 0"
-    assert_close_attn(o, o_ref, atol=1e-2)
+    # NVFP4 V spans up to |e2m1*scale*global| ~ 4-6 here (vs ~1 for the randn V of the bf16 tests), and a
+    # row attending to a handful of keys has |O| of that size, where the bf16 output rounding alone is
+    # |O|*2^-9. The 1e-2 gate is therefore applied to O / max(1, max|O_ref| of the row) (identical for
+    # unit-scale rows).
+    s = o_ref.abs().amax(dim=-1, keepdim=True).clamp(min=1.0)
+    assert_close_attn(o.double() / s, o_ref.double() / s, atol=1e-2)
     assert_lse_close(l_, l_ref, atol=1e-3, rtol=1e-3)
     if lse_t is not None:
         assert_lse_close(lse_t.cpu()[idx], lt_ref, atol=1e-3, rtol=1e-3)
