@@ -147,40 +147,49 @@ def run_nvfp4(msa, timing, dk, k_hnd, v_hnd, copy_bw, quick):
         keep = {k2: v2 for k2, v2 in saved_over.get(key, {}).items() if k2 == "m_cap"}
         w4, w8 = {64: 4, 128: 4, 256: 8}, {64: 4, 128: 8, 256: 8}
         bn128 = {64: 64, 128: 128, 256: 32}
-        variants = [None, dict(num_warps=w4), dict(num_warps=w8), dict(num_warps=w8, ctas_per_sm=2),
-                    dict(num_warps=w4, ctas_per_sm=2), dict(num_warps=w8, ctas_per_sm=4), dict(num_warps=w4, ctas_per_sm=4),
-                    dict(num_warps=w4, ctas_per_sm=8), dict(num_warps=w8, num_stages=2),
-                    dict(num_warps=w8, num_stages=4), dict(num_warps=w4, block_n=bn128, num_stages=2),
-                    dict(num_warps=w8, block_n=bn128, num_stages=2)]
+        # (variant, packed-byte access mode MSA_DECODE_FP4_PF: 0 bytes / 1 int32 words / 2 words + register
+        # prefetch of the next tile). The earlier sweep's losers (8 warps at BLOCK_N 64, ctas_per_sm 4 / 8) are
+        # dropped; "pf" variants are the ones to compare against "default pf0".
+        bn64 = {64: 64, 128: 64, 256: 32}
+        c4 = dict(num_warps=w4, block_n=bn128, num_stages=2)  # the sm_90 default since the first sweep
+        variants = [(None, "0"), (None, "1"), (None, "2"),
+                    (dict(c4, num_stages=1), "0"), (dict(c4, num_stages=1), "2"), (dict(c4, num_stages=3), "2"),
+                    (dict(c4, ctas_per_sm=2), "0"), (dict(c4, ctas_per_sm=2), "2"),
+                    (dict(num_warps=w8, block_n=bn128, num_stages=2), "2"),
+                    (dict(num_warps=w4, block_n=bn64, num_stages=3), "0"),
+                    (dict(num_warps=w4, block_n=bn64, num_stages=3), "2"),
+                    (dict(num_warps=w8, block_n=bn64, num_stages=3), "0")]
         for b in (1, 8, 64):
             sets = _make_sets(b, ctx, timing.num_sets(_bytes_nvfp4(b)), dev)
-            for var in variants:
-                for d in ("1", "0") if var is None else ("1",):
+            for var, pf in variants:
+                for d in ("1", "0") if (var is None and pf == "0") else ("1",):
                     if var is not None:
                         dk.NVFP4_CONFIG_OVERRIDES[key] = dict(keep, **var)
                     dk.make_plan.cache_clear()
                     os.environ["MSA_DECODE_FP4_DEC"] = d
+                    os.environ["MSA_DECODE_FP4_PF"] = pf
                     try:
                         p = dk.make_plan(dev, B=b, Hkv=HKV, G=HQ // HKV, SQ=1, D=D, BS=BS, topk=TOPK, hint_blocks=0,
                                          nvfp4=True)
                         t = timing.bench_graph(fp4_call, sets)
-                        r = {"B": b, "variant": ("default" if var is None else str(var)) + f" dec{d}",
+                        r = {"B": b, "variant": ("default" if var is None else str(var)) + f" dec{d} pf{pf}",
                              "splits": p.num_splits, "warps": p.num_warps, "stages": p.num_stages, "us graph": t,
                              "%copy": 100 * _bytes_nvfp4(b) / (t * 1e-6) / copy_bw}
                         sweep.append(r)
                         print("sweep nvfp4", {k2: (round(v2, 2) if isinstance(v2, float) else v2)
                                               for k2, v2 in r.items()}, flush=True)
                     except Exception as e:  # a variant that does not compile / fit must not hide the others
-                        print("sweep nvfp4", b, var, d, "FAILED", type(e).__name__, str(e)[:200], flush=True)
+                        print("sweep nvfp4", b, var, d, pf, "FAILED", type(e).__name__, str(e)[:200], flush=True)
                     finally:
                         dk.NVFP4_CONFIG_OVERRIDES.clear()
                         dk.NVFP4_CONFIG_OVERRIDES.update(saved_over)
                         dk.make_plan.cache_clear()
                         os.environ.pop("MSA_DECODE_FP4_DEC", None)
+                        os.environ.pop("MSA_DECODE_FP4_PF", None)
             del sets
         timing.print_table(sweep, ["B", "variant", "splits", "warps", "stages", "us graph", "%copy"],
                            title="NVFP4 launch-config sweep (32K, graph replay; set the winner in "
-                                 "decode_kernel.NVFP4_CONFIG_OVERRIDES / FP4_DEC_GPU_DEFAULT)")
+                                 "decode_kernel.NVFP4_CONFIG_OVERRIDES / FP4_DEC_GPU_DEFAULT / FP4_PF_GPU_DEFAULT)")
     del qk, qv, k8, v8
     torch.cuda.empty_cache()
     return rows + sweep

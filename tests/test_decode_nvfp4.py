@@ -195,6 +195,42 @@ def test_gqa_messy_ids(device, g):
     check_fp4(out, lse, q, qk, qv, idx, pt, sk, 1)
 
 
+@pytest.mark.kernels_ci
+@pytest.mark.parametrize("pf", ["1", "2"])
+def test_prefetch_modes(device, monkeypatch, pf):
+    """FP4_PF 1 (int32-word packed loads) / 2 (words + next-tile register prefetch) match the oracle and the
+    byte path (mode 0) exactly: several tiles per chunk, skipped / duplicate ids, split and non-split plans."""
+    q, qk, qv, idx, pt, sk = nvfp4_problem([520, 300], hkv=1, g=4, topk=4, device=device)
+    monkeypatch.setenv("MSA_DECODE_FP4_PF", "0")
+    ref = run_fp4(q, qk, qv, idx, pt, sk, 1)
+    monkeypatch.setenv("MSA_DECODE_FP4_PF", pf)
+    assert dk.fp4_prefetch_mode(q.device, qk.data, qv.data) == int(pf)
+    out, lse = run_fp4(q, qk, qv, idx, pt, sk, 1)
+    check_fp4(out, lse, q, qk, qv, idx, pt, sk, 1)
+    torch.testing.assert_close(out, ref[0], atol=0, rtol=0)
+    torch.testing.assert_close(lse, ref[1], atol=0, rtol=0)
+    # one program per unit: the whole top-k list in one chunk (prefetch crosses every tile)
+    w = msa.SparseDecodePagedAttentionWrapper().plan(page_table=pt, seqused_k=sk, seqlen_q=1, max_seqlen_k=520,
+                                                    q2k_indices=idx, num_qo_heads=4, num_kv_heads=1,
+                                                    disable_split_kv=True)
+    out2 = w.run(q, qk, qv)
+    check_fp4(out2, None, q, qk, qv, idx, pt, sk, 1)
+
+
+def test_prefetch_mode_fallback():
+    """Word loads need unit byte stride and 4-byte aligned strides / pointers; otherwise mode 0."""
+    k = torch.zeros(3, 2, 8, 64, dtype=torch.uint8)
+    dev = torch.device("cpu")
+    for pf in ("1", "2"):
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("MSA_DECODE_FP4_PF", pf)
+            assert dk.fp4_prefetch_mode(dev, k, k) == int(pf)
+            assert dk.fp4_prefetch_mode(dev, k[:, :, :, 1:63], k) == 0  # misaligned base pointer
+            wide = torch.zeros(3, 2, 8, 66, dtype=torch.uint8)[..., :64]
+            assert dk.fp4_prefetch_mode(dev, k, wide) == 0  # row stride 66
+            assert dk.fp4_prefetch_mode(dev, k.view(3, 2, 8, 32, 2)[..., 0], k) == 0  # byte stride 2
+
+
 def test_seqlen_q_2(device):
     q, qk, qv, idx, pt, sk = nvfp4_problem([2, 300], hkv=1, g=4, sq=2, topk=3, device=device)
     for causal in (True, False):
@@ -559,6 +595,21 @@ def test_gpu_decoders_agree(monkeypatch):
                       f"{(res['0'][0].float() - res['1'][0].float()).abs().max().item():.3g}")
     torch.testing.assert_close(res["0"][0].float(), res["1"][0].float(), atol=2e-3, rtol=0)
     torch.testing.assert_close(res["0"][1], res["1"][1], atol=1e-4, rtol=0)
+
+
+@requires_cuda
+@pytest.mark.parametrize("b", [8, 64])
+def test_gpu_prefetch_modes_agree(monkeypatch, b):
+    """FP4_PF 0 / 1 / 2 (byte loads / word loads / word loads + register prefetch) give identical results
+    with the inline-asm decoder (same decoded values, same MMA order)."""
+    q, qk, qv, idx, pt, sk, kd, vd = _gpu_fp4(b, 8192)
+    res = {}
+    for pf in ("0", "1", "2"):
+        monkeypatch.setenv("MSA_DECODE_FP4_PF", pf)
+        res[pf] = run_fp4(q, qk, qv, idx, pt, sk, 1)
+    for pf in ("1", "2"):
+        torch.testing.assert_close(res[pf][0].float(), res["0"][0].float(), atol=0, rtol=0)
+        torch.testing.assert_close(res[pf][1], res["0"][1], atol=0, rtol=0)
 
 
 @requires_cuda

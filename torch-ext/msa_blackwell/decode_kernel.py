@@ -96,9 +96,9 @@ def _device_info(device_type: str, index):
 
 
 # Packed NVFP4 K/V launches use ``DECODE_CONFIGS`` updated with these entries (same keys; keyed like
-# DECODE_CONFIGS, None = interpreter / other); a missing major = the bf16 policy. NOT MEASURED YET: these
-# are compile-time (SASS) choices; sweep with benchmarks/bench_decode.py (MSA_DECODE_SWEEP=nvfp4).
-# - sm_90 / sm_100: 8 warps. The NVFP4 tile loop issues ~790 SASS instructions per 64-token tile and warp
+# DECODE_CONFIGS, None = interpreter / other); a missing major = the bf16 policy. sm_90 is measured (below);
+# the others are compile-time (SASS) choices; sweep with benchmarks/bench_decode.py (MSA_DECODE_SWEEP=nvfp4).
+# - sm_100 (sm_90 before the sweep): 8 warps. The NVFP4 tile loop issues ~790 SASS instructions per 64-token tile and warp
 #   with 4 warps (bf16: ~540) at 200 registers, i.e. 2 CTAs = 8 warps per SM; with 8 warps the kernel
 #   fits 128 registers, so 16 warps per SM hide the decode's latency (no spill in the main loop).
 # - sm_100: BLOCK_M 64 (G * seqlen_q > 32) would use tcgen05 MMAs, whose software pipeliner cannot
@@ -106,7 +106,11 @@ def _device_info(device_type: str, index):
 #   main loop (2-stage schedule, 4 or 8 warps; scripts/aot_check.py): M tiles are capped at 32 rows there
 #   (mma.sync path; G * seqlen_q = 64 then takes two M tiles).
 NVFP4_CONFIG_OVERRIDES = {
-    9: dict(num_warps={**_BASE["num_warps"], 128: 8}),
+    # sm_90 measured (H100 sweep, 32K, top-16, M3 shape): 4 warps + BLOCK_N 128 + 2 stages is the best at
+    # B = 1 / 8 / 64 (16.2 / 25.9 / 92.5 us vs 16.8 / 38.4 / 128 us for 8 warps, BLOCK_N 64, 3 stages).
+    # BLOCK_M 64 (G * seqlen_q > 32) spills inside the main loop at BLOCK_N 128 / 4 warps (aot_check): M tiles
+    # are capped at 32 rows (G * seqlen_q = 64 takes two M tiles; the M3 decode shape G = 16 is unaffected).
+    9: dict(block_n={**_BASE["block_n"], 128: 128}, num_stages=2, m_cap={**_BASE["m_cap"], 128: 32}),
     10: dict(num_warps={**_BASE["num_warps"], 128: 8}, m_cap={**_BASE["m_cap"], 128: 32}),
     12: dict(m_cap={**_BASE["m_cap"], 128: 32}),
 }
@@ -317,30 +321,111 @@ def _e4m3_times_128_f16(code):
 
 
 @triton.jit
-def _fp4_kv_tiles(P, S, byte_off, srow, ok, sd, N: tl.constexpr, D: tl.constexpr, FP4_DEC: tl.constexpr):
+def _fp4_load(P, S, byte_off, srow, ok, sd, N: tl.constexpr, D: tl.constexpr, WORDS: tl.constexpr):
+    """Raw packed bytes and scale bytes of ``N`` NVFP4 rows (see ``_fp4_kv_tiles``), not decoded.
+
+    WORDS False: packed ``[N, D/16, 8]`` uint8. WORDS True: packed ``[N, D/8]`` int32 words (word w = bytes
+    4w..4w+3, little endian; needs ``sd == 1``, 4-byte aligned ``P`` and ``byte_off``: the launcher checks).
+    Scales ``[N, D/16]`` uint8 either way. Rows with ``ok == False`` are not read (zeros).
+    """
+    C: tl.constexpr = D // 16
+    CP: tl.constexpr = (C + 3) // 4 * 4
+    cc = tl.arange(0, C)
+    if WORDS:
+        wp = P.to(tl.pointer_type(tl.int32))
+        byte = tl.load(wp + (byte_off // 4)[:, None] + tl.arange(0, D // 8)[None, :], mask=ok[:, None], other=0)
+    else:
+        col = cc[:, None] * 8 + tl.arange(0, 8)[None, :]  # [C, 8] byte index: 8 bytes per 16-element block
+        byte = tl.load(P + byte_off[:, None, None] + col[None, :, :] * sd, mask=ok[:, None, None], other=0)
+    sb = tl.load(S + nvfp4_scale_offset(srow[:, None], cc[None, :], CP), mask=ok[:, None], other=0)
+    return byte, sb
+
+
+@triton.jit
+def _lo_hi_f16(w):
+    """(low, high) 16-bit halves of int32 ``w`` as fp16 bit patterns."""
+    lo = (w & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True)
+    hi = ((w >> 16) & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True)
+    return lo, hi
+
+
+@triton.jit
+def _fp4_decode(byte, sb, N: tl.constexpr, D: tl.constexpr, FP4_DEC: tl.constexpr, WORDS: tl.constexpr):
+    """Even / odd fp16 tiles ``[N, D/2]`` from ``_fp4_load``'s raw bytes (same WORDS)."""
+    C: tl.constexpr = D // 16
+    sf = _e4m3_times_128_f16(sb.to(tl.int32) & 0xFF)  # [N, C]
+    if WORDS:
+        # word w of a row belongs to scale block w // 2 (4 bytes = 8 elements)
+        sfw = tl.reshape(tl.broadcast_to(sf[:, :, None], [N, C, 2]), [N, D // 8])
+        if FP4_DEC == 1:
+            sbits = sfw.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+            sc2 = sbits | (sbits << 16)  # the block scale in both f16x2 lanes
+            e01, e23, o01, o23 = tl.inline_asm_elementwise(
+                asm=FP4_ASM_F16, constraints="=r,=r,=r,=r,r,r,r", args=[byte, sc2, sc2],
+                dtype=(tl.int32, tl.int32, tl.int32, tl.int32), is_pure=False, pack=1)
+            # join(join(x0, x2), join(x1, x3)) -> [.., j, i] = x_(2j + i): elements in column order
+            a0, a1 = _lo_hi_f16(e01)
+            a2, a3 = _lo_hi_f16(e23)
+            ev = tl.reshape(tl.join(tl.join(a0, a2), tl.join(a1, a3)), [N, D // 2])
+            b0, b1 = _lo_hi_f16(o01)
+            b2, b3 = _lo_hi_f16(o23)
+            od = tl.reshape(tl.join(tl.join(b0, b2), tl.join(b1, b3)), [N, D // 2])
+        else:
+            w = byte
+            y0 = w & 0xFF
+            y1 = (w >> 8) & 0xFF
+            y2 = (w >> 16) & 0xFF
+            y3 = (w >> 24) & 0xFF
+            b = tl.reshape(tl.join(tl.join(y0, y2), tl.join(y1, y3)), [N, D // 8, 4])  # [.., j, i] = byte 4w + 2j + i
+            sfb = sfw[:, :, None]
+            ev = (((b & 0x7) << 9) | ((b & 0x8) << 12)).to(tl.int16).to(tl.float16, bitcast=True) * sfb
+            od = (((b & 0x70) << 5) | ((b & 0x80) << 8)).to(tl.int16).to(tl.float16, bitcast=True) * sfb
+            ev = tl.reshape(ev, [N, D // 2])
+            od = tl.reshape(od, [N, D // 2])
+        return ev, od
+    else:
+        if FP4_DEC == 1:
+            ev, od = _fp4_asm(byte, tl.broadcast_to(sf[:, :, None], [N, C, 8]))
+        else:
+            b = byte.to(tl.int32) & 0xFF
+            ev = (((b & 0x7) << 9) | ((b & 0x8) << 12)).to(tl.int16).to(tl.float16, bitcast=True)
+            od = (((b & 0x70) << 5) | ((b & 0x80) << 8)).to(tl.int16).to(tl.float16, bitcast=True)
+            ev = ev * sf[:, :, None]
+            od = od * sf[:, :, None]
+        return tl.reshape(ev, [N, D // 2]), tl.reshape(od, [N, D // 2])
+
+
+@triton.jit
+def _fp4_kv_tiles(P, S, byte_off, srow, ok, sd, N: tl.constexpr, D: tl.constexpr, FP4_DEC: tl.constexpr,
+                  WORDS: tl.constexpr = False):
     """Even / odd NVFP4 tiles ``[N, D/2]`` fp16 of ``N`` rows, holding ``e2m1 * E4M3scale / FP4_POW2``.
 
     P: packed uint8 base; ``byte_off [N]`` int64 offset of each row's first byte, ``sd`` the byte stride.
     S: 128x4-swizzled scale bytes (flat); ``srow [N]`` int64 logical scale row of each row. Rows with
     ``ok == False`` are not read and come back as 0. Column k of the even (odd) tile is element
-    2k (2k+1) of the row.
+    2k (2k+1) of the row. WORDS: packed bytes read as int32 words (``_fp4_load``).
     """
-    C: tl.constexpr = D // 16
-    CP: tl.constexpr = (C + 3) // 4 * 4
-    cc = tl.arange(0, C)
-    col = cc[:, None] * 8 + tl.arange(0, 8)[None, :]  # [C, 8] byte index: 8 bytes per 16-element block
-    byte = tl.load(P + byte_off[:, None, None] + col[None, :, :] * sd, mask=ok[:, None, None], other=0)
-    sb = tl.load(S + nvfp4_scale_offset(srow[:, None], cc[None, :], CP), mask=ok[:, None], other=0)
-    sf = _e4m3_times_128_f16(sb.to(tl.int32) & 0xFF)
-    if FP4_DEC == 1:
-        ev, od = _fp4_asm(byte, tl.broadcast_to(sf[:, :, None], [N, C, 8]))
-    else:
-        b = byte.to(tl.int32) & 0xFF
-        ev = (((b & 0x7) << 9) | ((b & 0x8) << 12)).to(tl.int16).to(tl.float16, bitcast=True)
-        od = (((b & 0x70) << 5) | ((b & 0x80) << 8)).to(tl.int16).to(tl.float16, bitcast=True)
-        ev = ev * sf[:, :, None]
-        od = od * sf[:, :, None]
-    return tl.reshape(ev, [N, D // 2]), tl.reshape(od, [N, D // 2])
+    byte, sb = _fp4_load(P, S, byte_off, srow, ok, sd, N, D, WORDS)
+    return _fp4_decode(byte, sb, N, D, FP4_DEC, WORDS)
+
+
+@triton.jit
+def _fp4_tile_raw(K, V, KSC, VSC, jsel, pgsel, sel, valid, c, g, Hkv, Lk, sk_0, sk_1, sk_2, sk_d, sv_0, sv_1, sv_2,
+                  sv_d, BS: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, WORDS: tl.constexpr):
+    """Raw K / V bytes + scale bytes of the chunk's tile selected by ``sel`` (sub-tile ``c``), for the
+    register prefetch (FP4_PF = 2); ``valid`` False (past the chunk) reads nothing."""
+    offs_n = tl.arange(0, BLOCK_N)
+    j = tl.sum(tl.where(sel, jsel, 0)).to(tl.int64)
+    j_safe = tl.maximum(j, 0)
+    xo = c * BLOCK_N + offs_n
+    kv_ok = valid & (j >= 0) & (j_safe * BS + xo < Lk)
+    page = tl.sum(tl.where(sel, pgsel, 0)).to(tl.int64)
+    k_row = page * sk_0 + g * sk_1 + xo.to(tl.int64) * sk_2
+    v_row = page * sv_0 + g * sv_1 + xo.to(tl.int64) * sv_2
+    srow = (page * Hkv + g) * BS + xo
+    kb, ks = _fp4_load(K, KSC, k_row, srow, kv_ok, sk_d, BLOCK_N, D, WORDS)
+    vb, vs = _fp4_load(V, VSC, v_row, srow, kv_ok, sv_d, BLOCK_N, D, WORDS)
+    return kb, ks, vb, vs
 
 
 @triton.jit
@@ -407,7 +492,7 @@ def msa_decode_kernel(
     DENSE: tl.constexpr, CAUSAL: tl.constexpr, HAS_SINK: tl.constexpr, WRITE_LSE: tl.constexpr,
     CDT: tl.constexpr,
     KV_FMT: tl.constexpr = 0, FP4_DEC: tl.constexpr = 0, HAS_KG: tl.constexpr = False,
-    HAS_VG: tl.constexpr = False,
+    HAS_VG: tl.constexpr = False, FP4_PF: tl.constexpr = 0,
 ):
     TPB: tl.constexpr = BS // BLOCK_N
     pid = tl.program_id(0)
@@ -522,6 +607,10 @@ def msa_decode_kernel(
             pgsel = tl.where(okv, pg, 0).to(tl.int32)
         jsel = tl.where(okv, jv, -1).to(tl.int32)  # -1: skipped tile
         n_it = tl.minimum(t1 - c0, CH)
+        if KV_FMT == 1:
+            if FP4_PF == 2:  # register prefetch: raw bytes of the chunk's first tile
+                kb, ks, vb, vs = _fp4_tile_raw(K, V, KSC, VSC, jsel, pgsel, ar == 0, n_it > 0, c0 % TPB, g, Hkv, Lk,
+                                               sk_0, sk_1, sk_2, sk_d, sv_0, sv_1, sv_2, sv_d, BS, BLOCK_N, D, True)
         for it in range(0, n_it):
             sel = ar == it
             j = tl.sum(tl.where(sel, jsel, 0)).to(tl.int64)
@@ -554,9 +643,18 @@ def msa_decode_kernel(
                 v = tl.load(V + v_row[:, None] + offs_d[None, :] * sv_d, mask=kv_ok[:, None], other=0.0).to(CDT)
                 s = tl.dot(q, tl.trans(k)) * scale_log2
             else:
-                srow = (page * Hkv + g) * BS + xo  # logical scale row (page * Hkv + g) * 128 + token
-                k_ev, k_od = _fp4_kv_tiles(K, KSC, k_row, srow, kv_ok, sk_d, BLOCK_N, D, FP4_DEC)
-                v_ev, v_od = _fp4_kv_tiles(V, VSC, v_row, srow, kv_ok, sv_d, BLOCK_N, D, FP4_DEC)
+                if FP4_PF == 2:
+                    # issue the next tile's loads before decoding this one (hides their latency)
+                    kb_n, ks_n, vb_n, vs_n = _fp4_tile_raw(K, V, KSC, VSC, jsel, pgsel, ar == it + 1, it + 1 < n_it,
+                                                           (c0 + it + 1) % TPB, g, Hkv, Lk, sk_0, sk_1, sk_2, sk_d,
+                                                           sv_0, sv_1, sv_2, sv_d, BS, BLOCK_N, D, True)
+                    k_ev, k_od = _fp4_decode(kb, ks, BLOCK_N, D, FP4_DEC, True)
+                    v_ev, v_od = _fp4_decode(vb, vs, BLOCK_N, D, FP4_DEC, True)
+                    kb, ks, vb, vs = kb_n, ks_n, vb_n, vs_n
+                else:
+                    srow = (page * Hkv + g) * BS + xo  # logical scale row (page * Hkv + g) * 128 + token
+                    k_ev, k_od = _fp4_kv_tiles(K, KSC, k_row, srow, kv_ok, sk_d, BLOCK_N, D, FP4_DEC, FP4_PF == 1)
+                    v_ev, v_od = _fp4_kv_tiles(V, VSC, v_row, srow, kv_ok, sv_d, BLOCK_N, D, FP4_DEC, FP4_PF == 1)
                 s = tl.dot(q_od, tl.trans(k_od), tl.dot(q, tl.trans(k_ev))) * qk_row[:, None]
             vis = row_mem[:, None] & kv_ok[None, :] & (x[None, :] <= lim[:, None])
             s = tl.where(vis, s, float("-inf"))
@@ -720,6 +818,28 @@ def fp4_decoder(device: torch.device) -> int:
     return FP4_DEC_GPU_DEFAULT
 
 
+# NVFP4 packed-byte access (constexpr FP4_PF): 0 = uint8 loads, decode right after the load (the measured
+# path); 1 = the packed bytes read as int32 words (4 bytes = 8 elements per register, the asm decoder takes a
+# whole word without repacking bytes); 2 = int32 words + register prefetch: the next tile's packed words and
+# scale bytes are loaded before the current tile is decoded (within a chunk of CH tiles). 1 / 2 need unit
+# byte stride, 4-byte aligned base pointers and strides (else 0 is used). Override per launch with the
+# environment variable MSA_DECODE_FP4_PF=0|1|2 (GPU and interpreter).
+FP4_PF_GPU_DEFAULT = 0
+FP4_PF_CPU_DEFAULT = 0
+
+
+def fp4_prefetch_mode(device: torch.device, k, v) -> int:
+    """The ``FP4_PF`` constexpr for packed NVFP4 K / V (uint8 [P, Hkv, BS, D/2]) on ``device``."""
+    env = os.environ.get("MSA_DECODE_FP4_PF", "")
+    mode = int(env) if env in ("0", "1", "2") else (FP4_PF_GPU_DEFAULT if device.type == "cuda"
+                                                     else FP4_PF_CPU_DEFAULT)
+    if mode:
+        for t in (k, v):
+            if t.stride(3) != 1 or t.data_ptr() % 4 or any(st % 4 for st in t.stride()[:3]):
+                return 0
+    return mode
+
+
 def launch(p: LaunchPlan, *, layout, q, k, v, idx, table, lens, slot_ids, sink, out, lse, o_part, ml_part, counter,
            causal, scale, write_lse, nvfp4=None):
     """Launch ``msa_decode_kernel``.
@@ -738,7 +858,8 @@ def launch(p: LaunchPlan, *, layout, q, k, v, idx, table, lens, slot_ids, sink, 
         return
     if nvfp4 is not None:
         k_sc, v_sc, k_gs, v_gs = nvfp4
-        fmt = dict(KV_FMT=KV_NVFP4, FP4_DEC=fp4_decoder(q.device), HAS_KG=k_gs is not None,
+        fmt = dict(KV_FMT=KV_NVFP4, FP4_DEC=fp4_decoder(q.device), FP4_PF=fp4_prefetch_mode(q.device, k, v),
+                   HAS_KG=k_gs is not None,
                    HAS_VG=v_gs is not None, CDT=tl.float16)  # NVFP4 MMAs run in fp16 for every q dtype
         ex = (k_sc, v_sc, q if k_gs is None else k_gs, q if v_gs is None else v_gs)
     else:
@@ -858,7 +979,7 @@ def aot_configs(arch: int, full: bool = False):
     """
     from ._aot import AotConfig, dedupe, torch_to_tl_name
 
-    # (key, plan, q dtype, kv dtype, FP4_DEC or None for native K/V)
+    # (key, plan, q dtype, kv dtype, FP4_DEC or None for native K/V, FP4_PF)
     jobs = []
     for key, p in _aot_select(_aot_plans(arch), full):
         layout = key[0]
@@ -869,15 +990,20 @@ def aot_configs(arch: int, full: bool = False):
                       else _AOT_DTYPES[:1])
         if layout == LAYOUT_TOKEN:  # direct helper: bf16/fp16 q only
             dtypes = [d for d in dtypes if d[0] != torch.float8_e4m3fn]
-        jobs += [(key, p, qd, kd, None) for qd, kd in dtypes]
+        jobs += [(key, p, qd, kd, None, 0) for qd, kd in dtypes]
     decs = (FP4_DEC_PORTABLE, FP4_DEC_ASM) if full else (FP4_DEC_GPU_DEFAULT,)
     fp4_sel = _aot_select(_aot_plans(arch, nvfp4=True), full)
     m_max = max(p.BLOCK_M for _, p in fp4_sel)
     for key, p in fp4_sel:
-        nq = _AOT_NVFP4_Q if (full or (p.BLOCK_M == m_max and not p.dense)) else (torch.bfloat16,)
-        jobs += [(key, p, qd, torch.uint8, dec) for qd in nq for dec in decs]
+        big = p.BLOCK_M == m_max and not p.dense
+        nq = _AOT_NVFP4_Q if (full or big) else (torch.bfloat16,)
+        jobs += [(key, p, qd, torch.uint8, dec, FP4_PF_GPU_DEFAULT) for qd in nq for dec in decs]
+        # the other packed-byte access modes (MSA_DECODE_FP4_PF): every class with ``full``, else bf16 q on
+        # the sparse class of the largest BLOCK_M
+        pfs = [m for m in (0, 1, 2) if m != FP4_PF_GPU_DEFAULT] if (full or big) else []
+        jobs += [(key, p, torch.bfloat16, torch.uint8, dec, m) for m in pfs for dec in decs]
     out = []
-    for key, p, qd, kd, dec in jobs:
+    for key, p, qd, kd, dec, pf in jobs:
         layout = key[0]
         od = torch.bfloat16 if qd == torch.float8_e4m3fn else qd
         cdt = _CDT[qd] if dec is None else tl.float16
@@ -901,8 +1027,8 @@ def aot_configs(arch: int, full: bool = False):
                         TK_P2=p.TK_P2, NUM_SPLITS=p.num_splits, NS_P2=_next_pow2(p.num_splits), CH=p.chunk,
                         DENSE=p.dense, CAUSAL=causal, HAS_SINK=sink, WRITE_LSE=wlse, CDT=cdt,
                         KV_FMT=KV_NATIVE if dec is None else KV_NVFP4, FP4_DEC=dec or 0,
-                        HAS_KG=dec is not None, HAS_VG=dec is not None)
-            kvname = torch_to_tl_name(kd) if dec is None else f"nvfp4 dec{dec}"
+                        HAS_KG=dec is not None, HAS_VG=dec is not None, FP4_PF=pf)
+            kvname = torch_to_tl_name(kd) if dec is None else f"nvfp4 dec{dec} pf{pf}"
             label = (f"{'HND' if layout == LAYOUT_HND else 'TOK'} D{p.D} BS{p.BS} M{p.BLOCK_M} N{p.BLOCK_N} "
                      f"{'dense' if p.dense else f'tok{p.TOK_P2}xtk{p.TK_P2}'} S{p.num_splits} CH{p.chunk} "
                      f"q{torch_to_tl_name(qd)}/kv{kvname}"

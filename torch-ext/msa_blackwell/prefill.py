@@ -56,9 +56,12 @@ compute dtype (bf16/fp16) before PV. LSE is natural-log fp32; empty rows give O 
 NVFP4 K/V (``sparse_atten_nvfp4_kv_func``, API.md 5.13): the same kernel with the constexpr ``KV_FMT=1``
 (the native path, ``KV_FMT=0``, is generated exactly as before). K/V are packed E2M1 bytes (dense
 ``[total_k, Hkv, 64]`` / paged ``[num_pages, Hkv, 128, 64]``, any strides) with 128x4-swizzled E4M3 scale
-buffers ``KS``/``VS``; where the element path loads a ``[BNS, 128]`` K or V sub-block, ``nvfp4_tile`` reads the
+buffers ``KS``/``VS``; where the element path loads a ``[BNS, 128]`` K or V sub-block, ``nvfp4_tile_f16`` reads the
 packed bytes and the scales of those rows (scale row ``t*Hkv + h`` dense, ``(page*Hkv + h)*128 + s`` paged)
-and returns ``e2m1*scale`` in the compute dtype (exact in bf16/fp16), so no dequantised K/V ever exists in
+and returns fp16 ``e2m1*scale/128`` (exact; E2M1 nibbles placed bit-wise into fp16 and one f16x2 scale multiply,
+inline PTX on GPUs (``FP4_DEC``, ``MSA_PREFILL_FP4_DEC=0`` = portable Triton decoder), so the MMAs run in fp16: Q
+is rescaled per row by a power of two into fp16 (bf16/fp8 Q), the per-row factor, the 128 and k_global multiply
+the logits, P is fp16, O gets 128*v_global), so no dequantised K/V ever exists in
 memory. The global scales are read from device pointers: ``k_global`` multiplies ``qk_scale``/``tau_scale``
 (``HAS_KG``), ``v_global`` the normalised output (``HAS_VG``); absent = 1.0. Tiles: ``_CFG_NVFP4_SM*``
 (the arch's tiles with smaller K/V sub-blocks, since the dequantised sub-block lives in registers).
@@ -77,7 +80,7 @@ from ._validate import (FP8, attention_out_dtype, check_devices, check_gqa, chec
                         default_scale, interpreter_active)
 from .csr import KV_BLOCK, check_cu_seqlens, invert_csr_slots, slot_capacity
 from .errors import MsaUnsupportedError
-from .nvfp4_tile import nvfp4_tile
+from .nvfp4_tile import FP4_DEC_ASM, FP4_DEC_PORTABLE, FP4_POW2, nvfp4_q_f16, nvfp4_tile_f16
 
 __all__ = ["sparse_atten_func"]
 
@@ -86,14 +89,16 @@ _LOG2E = 1.4426950408889634
 
 @triton.jit
 def _attend_sub_block(q, acc, m_i, l_i, m2, l2, sel, cur, cn, K, V, KS, VS, PT, b, g, nkv, d, ks, lk, lim_r, total_k,
-                      num_pages, sk_0, sk_1, sk_2, sk_3, sv_0, sv_1, sv_2, sv_3, spt_b, spt_p, qk_scale, tau_scale,
+                      num_pages, sk_0, sk_1, sk_2, sk_3, sv_0, sv_1, sv_2, sv_3, spt_b, spt_p, qk_scale, tau_ratio,
                       CAUSAL: tl.constexpr, PAGED: tl.constexpr, HAS_TAU: tl.constexpr, CDT: tl.constexpr,
-                      KV_FMT: tl.constexpr, BNS: tl.constexpr, D: tl.constexpr):
+                      KV_FMT: tl.constexpr, BNS: tl.constexpr, D: tl.constexpr, FP4_DEC: tl.constexpr):
     """One [BNS]-token sub-block (columns ``cn``) of block ``cur``: masked QK^T, online softmax, PV.
 
     KV_FMT 0: K/V are [.., D] element tensors (bf16/fp16/fp8, widened to CDT). KV_FMT 1: K/V are packed
-    NVFP4 bytes [.., D/2] with 128x4-swizzled scales KS/VS, read by ``nvfp4_tile`` (``e2m1*scale``, exact
-    in CDT; the global scales are applied by the caller: k_global in ``qk_scale``, v_global to O).
+    NVFP4 bytes [.., D/2] with 128x4-swizzled scales KS/VS, read by ``nvfp4_tile_f16`` as fp16 tiles
+    ``e2m1*scale/FP4_POW2`` (exact; decoder ``FP4_DEC``); q is then fp16 (``nvfp4_q_f16``), ``qk_scale`` is
+    a per-row ``[M, 1]`` factor that holds the q rescale, FP4_POW2 and k_global, P is fp16 for
+    PV, and the caller multiplies O by FP4_POW2 * v_global.
     """
     x = cur * 128 + cn
     col_ok = x < lk
@@ -121,9 +126,9 @@ def _attend_sub_block(q, acc, m_i, l_i, m2, l2, sel, cur, cn, K, V, KS, VS, PT, 
             vp = V + xg[:, None] * sv_0 + g * sv_1 + d[None, :] * sv_2
     if KV_FMT == 1:
         if PAGED:
-            k = nvfp4_tile(K, KS, kbo, srow, col_ok, sk_3, BNS, D, CDT)
+            k = nvfp4_tile_f16(K, KS, kbo, srow, col_ok, sk_3, BNS, D, FP4_DEC)
         else:
-            k = nvfp4_tile(K, KS, kbo, srow, col_ok, sk_2, BNS, D, CDT)
+            k = nvfp4_tile_f16(K, KS, kbo, srow, col_ok, sk_2, BNS, D, FP4_DEC)
     else:
         k = tl.load(kp, mask=col_ok[:, None], other=0.0).to(CDT)
     s = tl.dot(q, tl.trans(k))
@@ -132,25 +137,36 @@ def _attend_sub_block(q, acc, m_i, l_i, m2, l2, sel, cur, cn, K, V, KS, VS, PT, 
         ok = ok & (x[None, :] <= lim_r[:, None])
     s2 = tl.where(ok, s * qk_scale, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s2, 1))
+    if HAS_TAU:
+        # temperature statistics from s2 (s * scale / tau = s2 * tau_ratio, tau_ratio = 1/tau > 0 keeps -inf),
+        # before P: the raw S tile is dead here, so no second [M, BNS] fp32 tile is live in the loop
+        s3 = s2 * tau_ratio
+        m2n = tl.maximum(m2, tl.max(s3, 1))
+        m2s = tl.where(m2n == float("-inf"), 0.0, m2n)
+        l2 = l2 * tl.exp2(m2 - m2s) + tl.sum(tl.exp2(s3 - m2s[:, None]), 1)
+        m2 = m2n
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
     alpha = tl.exp2(m_i - m_safe)
     p = tl.exp2(s2 - m_safe[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
     if KV_FMT == 1:
         if PAGED:
-            vv = nvfp4_tile(V, VS, vbo, srow, col_ok, sv_3, BNS, D, CDT)
+            vv = nvfp4_tile_f16(V, VS, vbo, srow, col_ok, sv_3, BNS, D, FP4_DEC)
         else:
-            vv = nvfp4_tile(V, VS, vbo, srow, col_ok, sv_2, BNS, D, CDT)
+            vv = nvfp4_tile_f16(V, VS, vbo, srow, col_ok, sv_2, BNS, D, FP4_DEC)
+        acc = acc * alpha[:, None] + tl.dot(p.to(tl.float16), vv)
     else:
         vv = tl.load(vp, mask=col_ok[:, None], other=0.0).to(CDT)
-    acc = acc * alpha[:, None] + tl.dot(p.to(CDT), vv)
-    if HAS_TAU:
-        s3 = tl.where(ok, s * tau_scale, float("-inf"))
-        m2n = tl.maximum(m2, tl.max(s3, 1))
-        m2s = tl.where(m2n == float("-inf"), 0.0, m2n)
-        l2 = l2 * tl.exp2(m2 - m2s) + tl.sum(tl.exp2(s3 - m2s[:, None]), 1)
-        m2 = m2n
+        acc = acc * alpha[:, None] + tl.dot(p.to(CDT), vv)
     return m_new, l_i, acc, m2, l2
+
+
+@triton.jit
+def _min_id_or_bits(ia, ba, ib, bb):
+    # (id, token bitmask) monoid: keep the smaller id and OR the masks of the entries carrying it
+    # (commutative and associative, so the scan direction / operand order does not matter)
+    m = tl.minimum(ia, ib)
+    return m, tl.where(ia == m, ba, 0) | tl.where(ib == m, bb, 0)
 
 
 @triton.jit
@@ -171,7 +187,7 @@ def _prefill_fwd_kernel(
     CAUSAL: tl.constexpr, PAGED: tl.constexpr, HAS_SEQU: tl.constexpr, HAS_TAU: tl.constexpr,
     BMT: tl.constexpr, G: tl.constexpr, CAP: tl.constexpr, D: tl.constexpr, BN: tl.constexpr,
     BNS: tl.constexpr, LIST: tl.constexpr,
-    KV_FMT: tl.constexpr, HAS_KG: tl.constexpr, HAS_VG: tl.constexpr,
+    KV_FMT: tl.constexpr, HAS_KG: tl.constexpr, HAS_VG: tl.constexpr, FP4_DEC: tl.constexpr,
 ):
     M: tl.constexpr = BMT * G
     BIG: tl.constexpr = 1 << 30
@@ -180,10 +196,10 @@ def _prefill_fwd_kernel(
     pid = tl.program_id(0)
     g = tl.program_id(1)
     nkv = tl.num_programs(1)
+    tau_ratio = tau_scale / qk_scale  # = 1/tau: temperature logits are s2 * tau_ratio (see _attend_sub_block)
     if HAS_KG:  # NVFP4 K global scale, folded into the logit scales (read on the device: no host sync)
         kgs = tl.load(KG)
         qk_scale = qk_scale * kgs
-        tau_scale = tau_scale * kgs
 
     # ---- tile -> (request, first local token) --------------------------------------------------
     lo = pid * 0
@@ -225,14 +241,14 @@ def _prefill_fwd_kernel(
 
         q = tl.load(Q + t_r.to(tl.int64)[:, None] * sq_t + head.to(tl.int64)[:, None] * sq_h
                     + d.to(tl.int64)[None, :] * sq_d, mask=row_ok[:, None], other=0.0).to(CDT)
+        if KV_FMT == 1:  # NVFP4 K/V: fp16 MMAs against e2m1*scale/FP4_POW2 tiles; per-row logit factors [M, 1]
+            q, qdown = nvfp4_q_f16(q, Q.dtype.element_ty != tl.float16)
+            qks = (qdown * FP4_POW2 * qk_scale)[:, None]
+        else:
+            qks = qk_scale
 
-        # per-row and per-token block ids, filtered by length / page bound / block-level causality
-        srow = (g.to(tl.int64) * total_q + t_r) * CAP
-        ids_r = tl.load(SLOTS + srow[:, None] + cc[None, :], mask=row_ok[:, None], other=-1)
-        ok_r = (ids_r >= 0) & (ids_r < nb)
-        if CAUSAL:
-            ok_r = ok_r & (ids_r * BN <= lim_r[:, None])
-        ids_r = tl.where(ok_r, ids_r, BIG)
+        # per-token block ids, filtered by length / page bound / block-level causality (every row of a
+        # token - its G heads - shares the token's ids and causal limit)
         tok_t = i0 + tl.arange(0, BMT)
         t_t = qs + tok_t
         tok_ok = (tok_t < lq) & (t_t >= 0) & (t_t < total_q)
@@ -250,32 +266,49 @@ def _prefill_fwd_kernel(
         l2 = tl.zeros([M], tl.float32)
         zero = tl.sum(tl.zeros([BMT], tl.int32), axis=0)
         if LIST:
-            # ascending distinct block list of the tile, computed once: sort the [BMT*CAP] ids, keep the
-            # first of every run (segmented scan on (id << 16 | position)), compact into a per-program
-            # scratch row. The main loop is then a plain indexed loop over (block, sub-block) whose block
-            # id is a load, so the pipeliner can prefetch K/V of the next step.
+            # ascending distinct block list of the tile, computed once: sort the [BMT*CAP] (id, position)
+            # keys, keep the first of every run (segmented scan), and give every distinct block the
+            # bitmask of the tile tokens that selected it (reverse segmented OR); both go to a per-program
+            # int64 scratch row [ids | masks]. The main loop is then a plain indexed loop over
+            # (block, sub-block) whose block id and row mask are two scalar loads, so the pipeliner can
+            # prefetch K/V of the next step and no [M, CAP] id tile stays live in registers (it made
+            # ptxas spill inside the loop).
             NT: tl.constexpr = BMT * CAP
-            sv = tl.sort(tl.reshape(ids_t, [NT]))
             pp = tl.arange(0, NT)
+            skey = tl.sort((tl.reshape(ids_t, [NT]).to(tl.int64) << 16) | pp.to(tl.int64))
+            sv = (skey >> 16).to(tl.int32)
+            tokl = (skey & 0xFFFF) // CAP  # tile-local token of each sorted entry (BMT <= 64)
             run = tl.associative_scan((sv.to(tl.int64) << 16) | pp.to(tl.int64), 0, _keep_run_start)
             first = ((run & 0xFFFF).to(tl.int32) == pp) & (sv < BIG)
             rank = tl.cumsum(first.to(tl.int32), axis=0) - 1
             n_u = tl.sum(first.to(tl.int32), axis=0)
-            lbase = ULIST + (pid.to(tl.int64) * tl.num_programs(1) + g) * NT
-            tl.store(lbase + tl.where(first, rank, 0), sv, mask=first)
+            bits = tl.where(sv < BIG, tl.full([NT], 1, tl.int64) << tokl, 0)
+            _ids_min, tmask = tl.associative_scan((sv, bits), 0, _min_id_or_bits, reverse=True)
+            lbase = ULIST + (pid.to(tl.int64) * tl.num_programs(1) + g) * (2 * NT)
+            rk = tl.where(first, rank, 0)
+            tl.store(lbase + rk, sv.to(tl.int64), mask=first)
+            tl.store(lbase + NT + rk, tmask, mask=first)
             tl.debug_barrier()
+            tok_row = (r // G).to(tl.int64)
             NSUB: tl.constexpr = BN // BNS
             for it in range(0, n_u * NSUB):
-                cur = tl.load(lbase + it // NSUB)
+                u = it // NSUB
+                cur = tl.load(lbase + u).to(tl.int32)
+                sel = ((tl.load(lbase + NT + u) >> tok_row) & 1) != 0
                 hh = it % NSUB
-                sel = tl.max(tl.where(ids_r == cur, 1, 0), axis=1) > 0
                 cn = hh * BNS + tl.arange(0, BNS)
                 m_i, l_i, acc, m2, l2 = _attend_sub_block(
                     q, acc, m_i, l_i, m2, l2, sel, cur, cn, K, V, KS, VS, PT, b, g, nkv, d, ks, lk, lim_r, total_k,
-                    num_pages, sk_0, sk_1, sk_2, sk_3, sv_0, sv_1, sv_2, sv_3, spt_b, spt_p, qk_scale, tau_scale,
-                    CAUSAL, PAGED, HAS_TAU, CDT, KV_FMT, BNS, D)
+                    num_pages, sk_0, sk_1, sk_2, sk_3, sv_0, sv_1, sv_2, sv_3, spt_b, spt_p, qks, tau_ratio,
+                    CAUSAL, PAGED, HAS_TAU, CDT, KV_FMT, BNS, D, FP4_DEC)
         else:
             # number of distinct blocks of the tile (so that the main loop is a `for`), then next-minimum
+            srow = (g.to(tl.int64) * total_q + t_r) * CAP
+            ids_r = tl.load(SLOTS + srow[:, None] + cc[None, :], mask=row_ok[:, None], other=-1)
+            ok_r = (ids_r >= 0) & (ids_r < nb)
+            if CAUSAL:
+                ok_r = ok_r & (ids_r * BN <= lim_r[:, None])
+            ids_r = tl.where(ok_r, ids_r, BIG)
             n_u = zero
             cur = zero - 1
             nxt = tl.min(tl.where(ids_t > cur, ids_t, BIG))
@@ -291,14 +324,17 @@ def _prefill_fwd_kernel(
                     cn = hh * BNS + tl.arange(0, BNS)
                     m_i, l_i, acc, m2, l2 = _attend_sub_block(
                         q, acc, m_i, l_i, m2, l2, sel, cur, cn, K, V, KS, VS, PT, b, g, nkv, d, ks, lk, lim_r,
-                        total_k, num_pages, sk_0, sk_1, sk_2, sk_3, sv_0, sv_1, sv_2, sv_3, spt_b, spt_p, qk_scale,
-                        tau_scale, CAUSAL, PAGED, HAS_TAU, CDT, KV_FMT, BNS, D)
+                        total_k, num_pages, sk_0, sk_1, sk_2, sk_3, sv_0, sv_1, sv_2, sv_3, spt_b, spt_p, qks,
+                        tau_ratio, CAUSAL, PAGED, HAS_TAU, CDT, KV_FMT, BNS, D, FP4_DEC)
 
         nonempty = l_i > 0
         l_safe = tl.where(nonempty, l_i, 1.0)
         o = acc / l_safe[:, None]
-        if HAS_VG:  # NVFP4 V global scale, applied once to the normalised output
-            o = o * tl.load(VG)
+        if KV_FMT == 1:  # NVFP4: the V tiles' 1/FP4_POW2 and the V global scale, applied once to the output
+            if HAS_VG:
+                o = o * (tl.load(VG) * FP4_POW2)
+            else:
+                o = o * FP4_POW2
         orow = t_r.to(tl.int64) * Hq + head
         tl.store(O + orow[:, None] * D + d[None, :], o.to(CDT), mask=row_ok[:, None])
         lse = tl.where(nonempty, (m_i + tl.log2(l_safe)) * LN2, float("-inf"))
@@ -354,6 +390,8 @@ def _launch_config(G: int, device: torch.device, nvfp4: bool = False):
     env = os.environ.get("MSA_PREFILL_NVFP4_CFG" if nvfp4 else "MSA_PREFILL_CFG")
     if env:
         f = [int(x) for x in env.split(",")]
+        if (len(f) <= 4 or f[4]) and f[0] > 64:
+            raise ValueError("MSA_PREFILL_CFG: the block-list loop keeps a 64-bit token mask per block: BMT <= 64")
         return f[0], f[1], f[2], f[3], bool(f[4]) if len(f) > 4 else True
     if interpreter_active():
         return max(1, 16 // G), 128, 4, 1, True
@@ -418,7 +456,7 @@ def aot_configs(arch: int, full: bool = False):
                         args.update(Q="*" + torch_to_tl_name(qd), K="*" + torch_to_tl_name(kd),
                                     V="*" + torch_to_tl_name(kd), O="*" + torch_to_tl_name(od), LSE="*fp32",
                                     LSET="*fp32", SLOTS="*i32", CUQ="*i32", CUK="*i32", PT="*i32", SEQU="*i32",
-                                    ULIST="*i32", KS="*u8" if nv else "*i32", VS="*u8" if nv else "*i32",
+                                    ULIST="*i64", KS="*u8" if nv else "*i32", VS="*u8" if nv else "*i32",
                                     KG="*fp32" if gs[0] else "*i32", VG="*fp32" if gs[1] else "*i32",
                                     sq_d=1, sk_3=1 if paged else "i32:D", sk_2="i32:D" if paged else 1,
                                     sv_3=1 if paged else "i32:D", sv_2="i32:D" if paged else 1, spt_p=1,
@@ -426,13 +464,22 @@ def aot_configs(arch: int, full: bool = False):
                                     niter="i32", qk_scale="fp32", tau_scale="fp32",
                                     CAUSAL=causal, PAGED=paged, HAS_SEQU=sequ, HAS_TAU=tau, BMT=bmt, G=G, CAP=cap,
                                     D=128, BN=KV_BLOCK, BNS=bns, LIST=use_list, KV_FMT=int(nv), HAS_KG=gs[0],
-                                    HAS_VG=gs[1])
+                                    HAS_VG=gs[1], FP4_DEC=FP4_DEC_ASM if nv else 0)
                         label = (f"G{G} BMT{bmt} M{bmt * G} BNS{bns} CAP{cap} list{int(use_list)} "
                                  f"q{torch_to_tl_name(qd)}/kv{'nvfp4' if nv else torch_to_tl_name(kd)} "
                                  f"c{int(causal)}p{int(paged)}u{int(sequ)}t{int(tau)}"
                                  + (f" gs{int(gs[0])}{int(gs[1])}" if nv else ""))
                         out.append(AotConfig(_prefill_fwd_kernel, args, nw, ns, label, hot=True))
     return dedupe(out)
+
+
+def fp4_decoder(device: torch.device) -> int:
+    """``FP4_DEC`` of an NVFP4-K/V launch on ``device``: the inline-PTX decoder on a GPU, the portable one
+    under the interpreter. ``MSA_PREFILL_FP4_DEC=0|1`` overrides it on a GPU (A/B; read at each launch)."""
+    if device.type != "cuda":
+        return FP4_DEC_PORTABLE
+    env = os.environ.get("MSA_PREFILL_FP4_DEC", "")
+    return int(env) if env in ("0", "1") else FP4_DEC_ASM
 
 
 def _prefill_launch(q, k, v, row_ptr, q_idx, cu_q, cu_k, page_table, seqused_k, topk, causal, scale, tau,
@@ -465,7 +512,8 @@ def _prefill_launch(q, k, v, row_ptr, q_idx, cu_q, cu_k, page_table, seqused_k, 
     bmt, bns, nw, ns, use_list = _launch_config(G, q.device, nvfp4 is not None)
     n_tiles = (total_q + batch * (bmt - 1)) // bmt + 1
     # per-program scratch for the ascending block list of the tile (only the first n_u entries are written)
-    ulist = torch.empty((n_tiles * hkv * bmt * cap) if use_list else 1, dtype=torch.int32, device=q.device)
+    # (ids then token masks, int64: 2 * BMT*CAP entries per (tile, KV head); only the first n_u of each are written)
+    ulist = torch.empty((n_tiles * hkv * 2 * bmt * cap) if use_list else 1, dtype=torch.int64, device=q.device)
     if paged:
         sk = k.stride()
         sv = v.stride()
@@ -494,6 +542,7 @@ def _prefill_launch(q, k, v, row_ptr, q_idx, cu_q, cu_k, page_table, seqused_k, 
         CAUSAL=bool(causal), PAGED=paged, HAS_SEQU=seqused_k is not None, HAS_TAU=bool(with_tau),
         BMT=bmt, G=G, CAP=cap, D=d, BN=KV_BLOCK, BNS=bns, LIST=use_list,
         KV_FMT=kv_fmt, HAS_KG=kv_fmt == 1 and kgs is not None, HAS_VG=kv_fmt == 1 and vgs is not None,
+        FP4_DEC=fp4_decoder(q.device) if kv_fmt == 1 else 0,
         num_warps=nw, num_stages=ns,
     )
     return out, lse, lse_t
