@@ -80,7 +80,14 @@ from ._validate import (FP8, attention_out_dtype, check_devices, check_gqa, chec
                         default_scale, interpreter_active)
 from .csr import KV_BLOCK, check_cu_seqlens, invert_csr_slots, slot_capacity
 from .errors import MsaUnsupportedError
-from .nvfp4_tile import FP4_DEC_ASM, FP4_DEC_PORTABLE, FP4_POW2, nvfp4_q_f16, nvfp4_tile_f16
+from .nvfp4_tile import FP4_DEC_ASM, FP4_DEC_PORTABLE, FP4_POW2, nvfp4_q_f16, nvfp4_tile, nvfp4_tile_f16
+
+# NVFP4 tile path of the prefill kernel (constexpr FP4_DEC): FP4_DEC_TILE32 (default) = ``nvfp4_tile``, fp32
+# decode to the compute dtype (bf16/fp16 MMAs; measured on the H100 with Triton 3.6). 0 / 1 = the fp16-tile
+# variant (``nvfp4_tile_f16``, portable / inline-PTX decoder, MSA_PREFILL_FP4_DEC=0|1): compiles with
+# Triton 3.8 but Triton 3.6 fails in TritonGPUOptimizeDotOperands on it, so it is opt-in only.
+FP4_DEC_TILE32 = tl.constexpr(2)
+FP4_DEC_DEFAULT = 2
 
 __all__ = ["sparse_atten_func"]
 
@@ -125,10 +132,11 @@ def _attend_sub_block(q, acc, m_i, l_i, m2, l2, sel, cur, cn, K, V, KS, VS, PT, 
             kp = K + xg[:, None] * sk_0 + g * sk_1 + d[None, :] * sk_2
             vp = V + xg[:, None] * sv_0 + g * sv_1 + d[None, :] * sv_2
     if KV_FMT == 1:
-        if PAGED:
-            k = nvfp4_tile_f16(K, KS, kbo, srow, col_ok, sk_3, BNS, D, FP4_DEC)
+        skd = sk_3 if PAGED else sk_2
+        if FP4_DEC == FP4_DEC_TILE32:
+            k = nvfp4_tile(K, KS, kbo, srow, col_ok, skd, BNS, D, CDT)
         else:
-            k = nvfp4_tile_f16(K, KS, kbo, srow, col_ok, sk_2, BNS, D, FP4_DEC)
+            k = nvfp4_tile_f16(K, KS, kbo, srow, col_ok, skd, BNS, D, FP4_DEC)
     else:
         k = tl.load(kp, mask=col_ok[:, None], other=0.0).to(CDT)
     s = tl.dot(q, tl.trans(k))
@@ -150,11 +158,13 @@ def _attend_sub_block(q, acc, m_i, l_i, m2, l2, sel, cur, cn, K, V, KS, VS, PT, 
     p = tl.exp2(s2 - m_safe[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
     if KV_FMT == 1:
-        if PAGED:
-            vv = nvfp4_tile_f16(V, VS, vbo, srow, col_ok, sv_3, BNS, D, FP4_DEC)
+        svd = sv_3 if PAGED else sv_2
+        if FP4_DEC == FP4_DEC_TILE32:
+            vv = nvfp4_tile(V, VS, vbo, srow, col_ok, svd, BNS, D, CDT)
+            acc = acc * alpha[:, None] + tl.dot(p.to(CDT), vv)
         else:
-            vv = nvfp4_tile_f16(V, VS, vbo, srow, col_ok, sv_2, BNS, D, FP4_DEC)
-        acc = acc * alpha[:, None] + tl.dot(p.to(tl.float16), vv)
+            vv = nvfp4_tile_f16(V, VS, vbo, srow, col_ok, svd, BNS, D, FP4_DEC)
+            acc = acc * alpha[:, None] + tl.dot(p.to(tl.float16), vv)
     else:
         vv = tl.load(vp, mask=col_ok[:, None], other=0.0).to(CDT)
         acc = acc * alpha[:, None] + tl.dot(p.to(CDT), vv)
@@ -241,11 +251,11 @@ def _prefill_fwd_kernel(
 
         q = tl.load(Q + t_r.to(tl.int64)[:, None] * sq_t + head.to(tl.int64)[:, None] * sq_h
                     + d.to(tl.int64)[None, :] * sq_d, mask=row_ok[:, None], other=0.0).to(CDT)
-        if KV_FMT == 1:  # NVFP4 K/V: fp16 MMAs against e2m1*scale/FP4_POW2 tiles; per-row logit factors [M, 1]
-            q, qdown = nvfp4_q_f16(q, Q.dtype.element_ty != tl.float16)
-            qks = (qdown * FP4_POW2 * qk_scale)[:, None]
-        else:
-            qks = qk_scale
+        qks = qk_scale
+        if KV_FMT == 1:
+            if FP4_DEC != FP4_DEC_TILE32:  # fp16 MMAs against e2m1*scale/FP4_POW2 tiles; per-row logit factors
+                q, qdown = nvfp4_q_f16(q, Q.dtype.element_ty != tl.float16)
+                qks = (qdown * FP4_POW2 * qk_scale)[:, None]
 
         # per-token block ids, filtered by length / page bound / block-level causality (every row of a
         # token - its G heads - shares the token's ids and causal limit)
@@ -330,11 +340,15 @@ def _prefill_fwd_kernel(
         nonempty = l_i > 0
         l_safe = tl.where(nonempty, l_i, 1.0)
         o = acc / l_safe[:, None]
-        if KV_FMT == 1:  # NVFP4: the V tiles' 1/FP4_POW2 and the V global scale, applied once to the output
-            if HAS_VG:
-                o = o * (tl.load(VG) * FP4_POW2)
+        if KV_FMT == 1:  # NVFP4: the V global scale (and the f16 tiles' 1/FP4_POW2), applied once to the output
+            if FP4_DEC == FP4_DEC_TILE32:
+                if HAS_VG:
+                    o = o * tl.load(VG)
             else:
-                o = o * FP4_POW2
+                if HAS_VG:
+                    o = o * (tl.load(VG) * FP4_POW2)
+                else:
+                    o = o * FP4_POW2
         orow = t_r.to(tl.int64) * Hq + head
         tl.store(O + orow[:, None] * D + d[None, :], o.to(CDT), mask=row_ok[:, None])
         lse = tl.where(nonempty, (m_i + tl.log2(l_safe)) * LN2, float("-inf"))
@@ -464,7 +478,7 @@ def aot_configs(arch: int, full: bool = False):
                                     niter="i32", qk_scale="fp32", tau_scale="fp32",
                                     CAUSAL=causal, PAGED=paged, HAS_SEQU=sequ, HAS_TAU=tau, BMT=bmt, G=G, CAP=cap,
                                     D=128, BN=KV_BLOCK, BNS=bns, LIST=use_list, KV_FMT=int(nv), HAS_KG=gs[0],
-                                    HAS_VG=gs[1], FP4_DEC=FP4_DEC_ASM if nv else 0)
+                                    HAS_VG=gs[1], FP4_DEC=FP4_DEC_DEFAULT if nv else 0)
                         label = (f"G{G} BMT{bmt} M{bmt * G} BNS{bns} CAP{cap} list{int(use_list)} "
                                  f"q{torch_to_tl_name(qd)}/kv{'nvfp4' if nv else torch_to_tl_name(kd)} "
                                  f"c{int(causal)}p{int(paged)}u{int(sequ)}t{int(tau)}"
@@ -476,10 +490,10 @@ def aot_configs(arch: int, full: bool = False):
 def fp4_decoder(device: torch.device) -> int:
     """``FP4_DEC`` of an NVFP4-K/V launch on ``device``: the inline-PTX decoder on a GPU, the portable one
     under the interpreter. ``MSA_PREFILL_FP4_DEC=0|1`` overrides it on a GPU (A/B; read at each launch)."""
-    if device.type != "cuda":
-        return FP4_DEC_PORTABLE
     env = os.environ.get("MSA_PREFILL_FP4_DEC", "")
-    return int(env) if env in ("0", "1") else FP4_DEC_ASM
+    if env == "1" and device.type == "cuda":
+        return FP4_DEC_ASM
+    return FP4_DEC_PORTABLE if env == "0" else FP4_DEC_DEFAULT
 
 
 def _prefill_launch(q, k, v, row_ptr, q_idx, cu_q, cu_k, page_table, seqused_k, topk, causal, scale, tau,
