@@ -84,7 +84,7 @@ for arch in (90, 100, 120, 121):
         t_nv = pf.config_table(major, nvfp4=bool(nv))
         assert got == {(G, t[0], t[1], t[2], t[3]) for G, t in t_nv.items()}, (arch, nv, got)
 assert pf.config_table(12) is pf._CFG_SM12 and pf.config_table(9) is pf._CFG_SM90
-assert pf._CFG_SM90[16] == (8, 128, 8, 3, True) and pf._CFG_SM90[1] == (64, 128, 4, 2, True)
+assert pf._CFG_SM90[16] == (8, 64, 8, 3, True) and pf._CFG_SM90[1] == (64, 64, 8, 2, True)
 assert pf.config_table(10) is pf._CFG_SM100 and all(c[3] <= 2 for c in pf._CFG_SM100.values())
 assert dk.DECODE_CONFIGS[9]['num_stages'] == 3 and dk.DECODE_CONFIGS[9]['ctas_per_sm'] == 1
 print('ok')

@@ -33,7 +33,7 @@ Design (query-outer, one Triton kernel family; no host sync, graph-capturable):
    and runs an exp2-domain online softmax with fp32 statistics and fp32 ``O`` accumulator. In M3
    neighbouring tokens share almost all blocks, so the union of an 8..64 token tile is ~topK blocks and
    nearly every MMA row does useful work. Tile configs live in a per-compute-capability table
-   (``_CFG_SM90``, ``_CFG_SM100`` (sm_90 tiles, at most 2 stages: 3 exceed 227 KB there), ``_CFG_SM12``); ``MSA_PREFILL_CFG`` overrides them for tuning.
+   (``_CFG_SM90``, ``_CFG_SM100`` (the sm_12x tiles: sm_90's spill there), ``_CFG_SM12``); ``MSA_PREFILL_CFG`` overrides them for tuning.
 
    Measured sweep (H100 80GB HBM3, 2026-11-26, Triton 3.6, M3 shape G = 16, S = 32768, graph replay;
    "bmt,bns,warps,stages,list"): 8,64,8,2,0 (former default, in-loop min) 7979 us / 259 TFLOP/s;
@@ -364,12 +364,17 @@ def _prefill_fwd_kernel(
 # Blackwell, ~99 KB shared memory per block): M = 64 rows, 64-token sub-blocks, 2 stages, i.e. about
 # Q 16 KB + 2 x (K 16 KB + V 16 KB) = 80 KB of operand buffers, under the limit.
 _TILE_TOKENS = {1: 64, 2: 32, 4: 32, 8: 16, 16: 8}
-_CFG_SM90 = {G: ((bmt, 128, 8, 3, True) if bmt * G >= 128 else (bmt, 128, 4, 2, True))
+# sm_90: 64-token KV sub-blocks everywhere: with 128 the [M, 128] fp32 S tile plus O, Q and the softmax state
+# exceed 255 registers and ptxas spills inside the MMA loop (scripts/aot_check.py localises it); G = 1
+# (BMT 64, a [64 x CAP] id sort in the prologue) takes 8 warps for the same reason.
+_CFG_SM90 = {G: ((bmt, 64, 8, 3, True) if bmt * G >= 128 else (bmt, 64, 8 if G == 1 else 4, 2, True))
              for G, bmt in _TILE_TOKENS.items()}
-_CFG_SM12 = {G: (max(1, 64 // G), 64, 4, 2, True) for G in _TILE_TOKENS}
-# sm_10x (datacenter Blackwell, 227 KB per block): sm_90's tiles, but 3 stages of M = 128 need 237600 B there
-# (scripts/aot_check.py, Triton 3.8) > 232448 B, so M = 128 tiles use 2 stages. Unmeasured.
-_CFG_SM100 = {G: (c[0], c[1], c[2], min(c[3], 2), c[4]) for G, c in _CFG_SM90.items()}
+# sm_12x (consumer Blackwell, ~99 KB shared memory per block; mma.sync keeps O in registers): M = 64 rows,
+# 64-token sub-blocks, 2 stages, 8 warps (4 warps spill inside the MMA loop). Unmeasured.
+_CFG_SM12 = {G: (max(1, 64 // G), 64, 8, 2, True) for G in _TILE_TOKENS}
+# sm_10x (datacenter Blackwell): sm_90's M = 128 tiles spill inside the MMA loop there (Triton 3.8, 4-30
+# LDL/STL) and 3 stages exceed 227 KB, so it takes the sm_12x tiles (M = 64, 8 warps, 2 stages). Unmeasured.
+_CFG_SM100 = dict(_CFG_SM12)
 
 
 def _nvfp4_table(table, bns: int, min_warps: int):
@@ -390,7 +395,7 @@ def _nvfp4_table(table, bns: int, min_warps: int):
 
 _CFG_NVFP4_SM90 = _nvfp4_table(_CFG_SM90, 64, 8)
 _CFG_NVFP4_SM100 = _nvfp4_table(_CFG_SM100, 32, 8)
-_CFG_NVFP4_SM12 = _nvfp4_table(_CFG_SM12, 32, 4)
+_CFG_NVFP4_SM12 = _nvfp4_table(_CFG_SM12, 32, 8)
 
 
 def _launch_config(G: int, device: torch.device, nvfp4: bool = False):
