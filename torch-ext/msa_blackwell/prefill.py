@@ -374,7 +374,8 @@ _CFG_SM90 = {G: ((bmt, 64, 8, 3, True) if bmt * G >= 128 else (bmt, 64, 8 if G =
 _CFG_SM12 = {G: (max(1, 64 // G), 64, 8, 2, True) for G in _TILE_TOKENS}
 # sm_10x (datacenter Blackwell): sm_90's M = 128 tiles spill inside the MMA loop there (Triton 3.8, 4-30
 # LDL/STL) and 3 stages exceed 227 KB, so it takes the sm_12x tiles (M = 64, 8 warps, 2 stages). Unmeasured.
-_CFG_SM100 = dict(_CFG_SM12)
+# G = 1 / 2 with M = 64 still spill there (2-5 LDL/STL, the 64 x CAP id sort of the prologue): M = 32.
+_CFG_SM100 = {**_CFG_SM12, 1: (32, 64, 8, 2, True), 2: (16, 64, 8, 2, True)}
 
 
 def _nvfp4_table(table, bns: int, min_warps: int):
