@@ -78,8 +78,10 @@ DECODE_CONFIGS = {
     # Hopper: 228 KB smem per SM. One program per (b, g) once that fills the SMs once: at B = 64 (256 units)
     # S = 1 measured 97.6 us vs 112 us for S = 2 (H100 sweep); B = 1 / 8 unchanged.
     9: dict(_BASE, ctas_per_sm=1),
-    10: dict(_BASE),  # datacenter Blackwell
-    12: dict(_BASE, num_stages=2),  # consumer Blackwell: ~99 KB smem per block
+    # Blackwell: M tiles of at most 32 rows at D = 128 (64-row tiles spill inside the MMA loop there: sm_100
+    # 370-600 LDL/STL, sm_12x fp8 39; scripts/aot_check.py, Triton 3.8). Unmeasured.
+    10: dict(_BASE, m_cap={64: 64, 128: 32, 256: 32}),  # datacenter Blackwell
+    12: dict(_BASE, num_stages=2, m_cap={64: 64, 128: 32, 256: 32}),  # consumer Blackwell: ~99 KB smem per block
     None: dict(_BASE, num_stages=1),  # interpreter / other
 }
 
