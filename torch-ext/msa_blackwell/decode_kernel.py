@@ -44,7 +44,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .nvfp4_tile import nvfp4_scale_offset
+from .nvfp4_tile import FP4_ASM_F16, FP4_DEC_ASM, FP4_DEC_PORTABLE, e4m3_times_128_f16, nvfp4_scale_offset
+from .nvfp4_tile import fp4_asm_f16 as _fp4_asm
 
 LAYOUT_HND = 0
 LAYOUT_TOKEN = 1
@@ -258,68 +259,8 @@ def _finalize(acc, m_i, l_i, q, SINK, heads, ss_h, ss_d, offs_d, row_ok, scale_l
 # ---------------------------------------------------------------------------------------------
 FP4_POW2 = 128.0  # the tiles hold e2m1 * scale / FP4_POW2
 
-# FP4_DEC (constexpr) selects the nibble decoder: 0 = portable Triton (also the CPU interpreter);
-# 1 = PTX inline asm (GPU only): 4 packed bytes per 32-bit register, per byte the fp16 high byte of
-# both nibbles by shift/mask over all four bytes at once, PRMT into f16x2 lanes, one mul.f16x2 with
-# the block scales per two elements (15 instructions per 8 elements).
-FP4_DEC_PORTABLE = 0
-FP4_DEC_ASM = 1
-
-
-# PTX of the FP4_DEC_ASM decoder, per 4 packed bytes ($4) and their block scales as two f16x2 ($5, $6):
-# outputs $0, $1 = even (low-nibble) elements of bytes 0-1 / 2-3, $2, $3 = odd (high-nibble) elements.
-# E = per byte the fp16 high byte of the low nibble (mag << 1 | sign << 7), O = the same for the high
-# nibble; PRMT moves them into the high byte of each 16-bit lane (low byte 0): fp16 e2m1 * 2^-14.
-# (tests/test_decode_nvfp4.py emulates this text instruction by instruction for every byte value.)
-FP4_ASM_F16 = tl.constexpr("""
-        {
-        .reg .b32 e, o, a, c;
-        shl.b32 a, $4, 1;
-        shl.b32 c, $4, 4;
-        and.b32 a, a, 0x0E0E0E0E;
-        and.b32 c, c, 0x80808080;
-        or.b32 e, a, c;
-        shr.u32 a, $4, 3;
-        and.b32 a, a, 0x0E0E0E0E;
-        and.b32 c, $4, 0x80808080;
-        or.b32 o, a, c;
-        prmt.b32 a, e, 0, 0x1404;
-        mul.rn.f16x2 $0, a, $5;
-        prmt.b32 a, e, 0, 0x3424;
-        mul.rn.f16x2 $1, a, $6;
-        prmt.b32 a, o, 0, 0x1404;
-        mul.rn.f16x2 $2, a, $5;
-        prmt.b32 a, o, 0, 0x3424;
-        mul.rn.f16x2 $3, a, $6;
-        }
-        """)
-
-
-@triton.jit
-def _fp4_asm(b, sc):
-    """(even, odd) fp16 values ``e2m1(nibble) * 2^-14 * sc`` of the low / high nibble of bytes ``b``.
-
-    ``is_pure=False`` keeps Triton from re-materialising the decode in the MMA operand layout (where
-    every byte would be read and decoded separately): the decode runs on 8 consecutive bytes per
-    thread and its fp16 result goes to the MMA layout through shared memory like a bf16 tile.
-    """
-    ev, od = tl.inline_asm_elementwise(
-        asm=FP4_ASM_F16,
-        constraints="=r,=r,=r,=r,r,r,r",
-        args=[b, sc],
-        dtype=(tl.float16, tl.float16),
-        is_pure=False,
-        pack=4,
-    )
-    return ev, od
-
-
-@triton.jit
-def _e4m3_times_128_f16(code):
-    """fp16 ``E4M3(code) * 2^7`` of E4M3FN bytes (int32): the bits ``sign << 15 | mag << 7`` are the fp16
-    ``E4M3 * 2^-8`` (subnormals included), times 2^15 exactly; 0x7F / 0xFF decode to NaN."""
-    h = (((code & 0x7F) << 7) | ((code & 0x80) << 8)).to(tl.int16).to(tl.float16, bitcast=True) * 32768.0
-    return tl.where((code & 0x7F) == 0x7F, float("nan"), h)
+# FP4_DEC (constexpr) selects the nibble decoder (0 = portable Triton, 1 = the PTX decoder): constants and
+# the PTX text are shared with the prefill kernel (nvfp4_tile.py).
 
 
 @triton.jit
@@ -355,7 +296,7 @@ def _lo_hi_f16(w):
 def _fp4_decode(byte, sb, N: tl.constexpr, D: tl.constexpr, FP4_DEC: tl.constexpr, WORDS: tl.constexpr):
     """Even / odd fp16 tiles ``[N, D/2]`` from ``_fp4_load``'s raw bytes (same WORDS)."""
     C: tl.constexpr = D // 16
-    sf = _e4m3_times_128_f16(sb.to(tl.int32) & 0xFF)  # [N, C]
+    sf = e4m3_times_128_f16(sb.to(tl.int32) & 0xFF)  # [N, C]
     if WORDS:
         # word w of a row belongs to scale block w // 2 (4 bytes = 8 elements)
         sfw = tl.reshape(tl.broadcast_to(sf[:, :, None], [N, C, 2]), [N, D // 8])
