@@ -76,7 +76,7 @@ from msa_blackwell import decode_kernel as dk, prefill as pf
 for arch in (90, 100, 120, 121):
     major = arch // 10
     st = {c.num_stages for c in dk.aot_configs(arch)}
-    assert st == {dk.config_for_major(major)['num_stages']}, (arch, st)
+    assert st == {dk.config_for_major(major)['num_stages'], dk.config_for_major(major, nvfp4=True)['num_stages']}, (arch, st)
     cfgs = pf.aot_configs(arch)
     for nv in (0, 1):  # element K/V, NVFP4 K/V (KV_FMT=1, its own table)
         got = {(c.args['G'], c.args['BMT'], c.args['BNS'], c.num_warps, c.num_stages) for c in cfgs
