@@ -605,6 +605,11 @@ def _time_us(fn, gpu: bool, iters: int = 10):
         return s * 1e6
     fn()
     torch.cuda.synchronize()
+    return event_median_us(fn, iters)
+
+
+def event_median_us(fn, iters: int) -> float:
+    """Median µs of ``iters`` calls of ``fn``, each between two CUDA events (GPU only)."""
     ts = []
     for _ in range(iters):
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)

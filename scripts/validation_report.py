@@ -149,16 +149,7 @@ def _call(fn, ctx: Ctx, iters: int = 10):
     first = (time.perf_counter() - t0) * 1e6
     if not ctx.gpu:
         return out, first
-    ts = []
-    for _ in range(iters):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        ts.append(a.elapsed_time(b) * 1e3)
-    ts.sort()
-    return out, ts[len(ts) // 2]
+    return out, lc.event_median_us(fn, iters)
 
 
 def _index_row(nb: int, topk: int, messy: bool, gen) -> torch.Tensor:

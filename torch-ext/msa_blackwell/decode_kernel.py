@@ -44,8 +44,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .nvfp4_tile import FP4_ASM_F16, FP4_DEC_ASM, FP4_DEC_PORTABLE, e4m3_times_128_f16, nvfp4_scale_offset
-from .nvfp4_tile import fp4_asm_f16 as _fp4_asm
+from .nvfp4_tile import (FP4_ASM_F16, FP4_DEC_ASM, FP4_DEC_PORTABLE, e2m1_nibbles_f16, e4m3_times_128_f16,
+                         nvfp4_decode_bytes_f16, nvfp4_scale_offset)
 
 LAYOUT_HND = 0
 LAYOUT_TOKEN = 1
@@ -296,8 +296,8 @@ def _lo_hi_f16(w):
 def _fp4_decode(byte, sb, N: tl.constexpr, D: tl.constexpr, FP4_DEC: tl.constexpr, WORDS: tl.constexpr):
     """Even / odd fp16 tiles ``[N, D/2]`` from ``_fp4_load``'s raw bytes (same WORDS)."""
     C: tl.constexpr = D // 16
-    sf = e4m3_times_128_f16(sb.to(tl.int32) & 0xFF)  # [N, C]
     if WORDS:
+        sf = e4m3_times_128_f16(sb.to(tl.int32) & 0xFF)  # [N, C]
         # word w of a row belongs to scale block w // 2 (4 bytes = 8 elements)
         sfw = tl.reshape(tl.broadcast_to(sf[:, :, None], [N, C, 2]), [N, D // 8])
         if FP4_DEC == 1:
@@ -320,21 +320,12 @@ def _fp4_decode(byte, sb, N: tl.constexpr, D: tl.constexpr, FP4_DEC: tl.constexp
             y2 = (w >> 16) & 0xFF
             y3 = (w >> 24) & 0xFF
             b = tl.reshape(tl.join(tl.join(y0, y2), tl.join(y1, y3)), [N, D // 8, 4])  # [.., j, i] = byte 4w + 2j + i
-            sfb = sfw[:, :, None]
-            ev = (((b & 0x7) << 9) | ((b & 0x8) << 12)).to(tl.int16).to(tl.float16, bitcast=True) * sfb
-            od = (((b & 0x70) << 5) | ((b & 0x80) << 8)).to(tl.int16).to(tl.float16, bitcast=True) * sfb
-            ev = tl.reshape(ev, [N, D // 2])
-            od = tl.reshape(od, [N, D // 2])
+            ev, od = e2m1_nibbles_f16(b)
+            ev = tl.reshape(ev * sfw[:, :, None], [N, D // 2])
+            od = tl.reshape(od * sfw[:, :, None], [N, D // 2])
         return ev, od
     else:
-        if FP4_DEC == 1:
-            ev, od = _fp4_asm(byte, tl.broadcast_to(sf[:, :, None], [N, C, 8]))
-        else:
-            b = byte.to(tl.int32) & 0xFF
-            ev = (((b & 0x7) << 9) | ((b & 0x8) << 12)).to(tl.int16).to(tl.float16, bitcast=True)
-            od = (((b & 0x70) << 5) | ((b & 0x80) << 8)).to(tl.int16).to(tl.float16, bitcast=True)
-            ev = ev * sf[:, :, None]
-            od = od * sf[:, :, None]
+        ev, od = nvfp4_decode_bytes_f16(byte, sb, N, C, FP4_DEC)
         return tl.reshape(ev, [N, D // 2]), tl.reshape(od, [N, D // 2])
 
 
@@ -412,6 +403,23 @@ def _nvfp4_q(Q, t_row, heads, row_ok, sq_t, sq_h, sq_d, D: tl.constexpr, Q_RESCA
     else:
         one = tl.full([q_ev.shape[0]], 1.0, tl.float32)
         return q_ev.to(tl.float16), q_od.to(tl.float16), one
+
+
+@triton.jit
+def _split_stats(MLPART, unit, offs_m, row_ok, BLOCK_M: tl.constexpr, NUM_SPLITS: tl.constexpr,
+                 NS_P2: tl.constexpr):
+    """Split-KV combine, first step: the splits' (m, l) rows of ``unit`` -> (partial base index, combined
+    max m_all, m_use (0 where m_all = -inf), combined sum l_all in units of exp2(m_use))."""
+    sp = tl.arange(0, NS_P2)
+    base = unit.to(tl.int64) * NUM_SPLITS
+    ml_ptr = MLPART + (base + sp[:, None]) * (2 * BLOCK_M) + offs_m[None, :]
+    ml_mask = (sp[:, None] < NUM_SPLITS) & row_ok[None, :]
+    ms = tl.load(ml_ptr, mask=ml_mask, other=float("-inf"), cache_modifier=".cg")
+    ls = tl.load(ml_ptr + BLOCK_M, mask=ml_mask, other=0.0, cache_modifier=".cg")
+    m_all = tl.max(ms, 0)
+    m_use = tl.where(m_all == float("-inf"), 0.0, m_all)
+    l_all = tl.sum(tl.exp2(ms - m_use[None, :]) * ls, 0)
+    return base, m_all, m_use, l_all
 
 
 @triton.jit
@@ -631,15 +639,7 @@ def msa_decode_kernel(
             done = tl.atomic_add(COUNTER + unit, 1, sem="acq_rel")
             if done == NUM_SPLITS - 1:
                 # last program for this (b, g, m_tile): combine in fixed split order (deterministic)
-                sp = tl.arange(0, NS_P2)
-                base = unit.to(tl.int64) * NUM_SPLITS
-                ml_ptr = MLPART + (base + sp[:, None]) * (2 * BLOCK_M) + offs_m[None, :]
-                ml_mask = (sp[:, None] < NUM_SPLITS) & row_ok[None, :]
-                ms = tl.load(ml_ptr, mask=ml_mask, other=float("-inf"), cache_modifier=".cg")
-                ls = tl.load(ml_ptr + BLOCK_M, mask=ml_mask, other=0.0, cache_modifier=".cg")
-                m_all = tl.max(ms, 0)
-                m_use = tl.where(m_all == float("-inf"), 0.0, m_all)
-                l_all = tl.sum(tl.exp2(ms - m_use[None, :]) * ls, 0)
+                base, m_all, m_use, l_all = _split_stats(MLPART, unit, offs_m, row_ok, BLOCK_M, NUM_SPLITS, NS_P2)
                 # fixed split order, one [BLOCK_M, D] partial per step (independent loads, no 3-D tile)
                 acc = tl.zeros([BLOCK_M, D], tl.float32)
                 o_base = OPART + base * (BLOCK_M * D)
@@ -707,15 +707,7 @@ def _nvfp4_epilogue(acc, acc_od, m_i, l_i, q, OUT, LSE, OPART, MLPART, COUNTER, 
         done = tl.atomic_add(COUNTER + unit, 1, sem="acq_rel")
         if done == NUM_SPLITS - 1:
             # last program for this (b, g, m_tile): combine in fixed split order (deterministic)
-            sp = tl.arange(0, NS_P2)
-            base = unit.to(tl.int64) * NUM_SPLITS
-            ml_ptr = MLPART + (base + sp[:, None]) * (2 * BLOCK_M) + offs_m[None, :]
-            ml_mask = (sp[:, None] < NUM_SPLITS) & row_ok[None, :]
-            ms = tl.load(ml_ptr, mask=ml_mask, other=float("-inf"), cache_modifier=".cg")
-            ls = tl.load(ml_ptr + BLOCK_M, mask=ml_mask, other=0.0, cache_modifier=".cg")
-            m_all = tl.max(ms, 0)
-            m_use = tl.where(m_all == float("-inf"), 0.0, m_all)
-            l_all = tl.sum(tl.exp2(ms - m_use[None, :]) * ls, 0)
+            base, m_all, m_use, l_all = _split_stats(MLPART, unit, offs_m, row_ok, BLOCK_M, NUM_SPLITS, NS_P2)
             c_ev = tl.zeros([BLOCK_M, H], tl.float32)
             c_od = tl.zeros([BLOCK_M, H], tl.float32)
             o_base = OPART + base * (BLOCK_M * D)

@@ -123,13 +123,26 @@ def nvfp4_tiles_f16(P, S, byte_off, srow, ok, sd, N: tl.constexpr, D: tl.constex
     col = cc[:, None] * 8 + tl.arange(0, 8)[None, :]  # [C, 8] byte index: 8 bytes per 16-element block
     byte = tl.load(P + byte_off[:, None, None] + col[None, :, :] * sd, mask=ok[:, None, None], other=0)
     sb = tl.load(S + nvfp4_scale_offset(srow[:, None], cc[None, :], CP), mask=ok[:, None], other=0)
+    return nvfp4_decode_bytes_f16(byte, sb, N, C, FP4_DEC)
+
+
+@triton.jit
+def e2m1_nibbles_f16(b):
+    """(low, high) nibble of int32 bytes ``b`` (0..255) as fp16 ``e2m1 * 2^-14`` (bits ``mag << 9 | sign << 15``)."""
+    ev = (((b & 0x7) << 9) | ((b & 0x8) << 12)).to(tl.int16).to(tl.float16, bitcast=True)
+    od = (((b & 0x70) << 5) | ((b & 0x80) << 8)).to(tl.int16).to(tl.float16, bitcast=True)
+    return ev, od
+
+
+@triton.jit
+def nvfp4_decode_bytes_f16(byte, sb, N: tl.constexpr, C: tl.constexpr, FP4_DEC: tl.constexpr):
+    """Even / odd ``[N, C, 8]`` fp16 tiles ``e2m1 * scale / FP4_POW2`` from packed bytes ``[N, C, 8]`` (uint8)
+    and their E4M3 scale bytes ``[N, C]``; ``FP4_DEC`` 1 = the PTX decoder, 0 = portable."""
     sf = e4m3_times_128_f16(sb.to(tl.int32) & 0xFF)
     if FP4_DEC == 1:
         ev, od = fp4_asm_f16(byte, tl.broadcast_to(sf[:, :, None], [N, C, 8]))
     else:
-        b = byte.to(tl.int32) & 0xFF
-        ev = (((b & 0x7) << 9) | ((b & 0x8) << 12)).to(tl.int16).to(tl.float16, bitcast=True)
-        od = (((b & 0x70) << 5) | ((b & 0x80) << 8)).to(tl.int16).to(tl.float16, bitcast=True)
+        ev, od = e2m1_nibbles_f16(byte.to(tl.int32) & 0xFF)
         ev = ev * sf[:, :, None]
         od = od * sf[:, :, None]
     return ev, od
