@@ -32,7 +32,8 @@ except ImportError:  # kernels without the benchmark extra: keep the script usab
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 REPO_ID = "flashrt/MiniMaxAI-msa-blackwell"
-SECTION_MODULES = {"nvfp4_attn": "bench_nvfp4_attention"}  # section name -> module, where not bench_<name>
+# section name -> module (and function, default ``run``), where not bench_<name>.run
+SECTION_MODULES = {"nvfp4_attn": "bench_nvfp4_attention", "latency": "bench_runtime:run_latency"}
 
 
 class MsaDecodeBenchmark(Benchmark):
@@ -116,12 +117,13 @@ def main(argv=None):
     timing.MATMUL_TFLOPS = tf
     timing.QUICK = args.quick
     for name in [s.strip() for s in args.sections.split(",") if s.strip()]:
+        mod_name, _, fn_name = SECTION_MODULES.get(name, f"bench_{name}").partition(":")
         try:
-            mod = importlib.import_module(SECTION_MODULES.get(name, f"bench_{name}"))
+            mod = importlib.import_module(mod_name)
         except ImportError as e:
             print(f"\n## {name}: section not available ({e})")
             continue
-        mod.run(msa, timing)
+        getattr(mod, fn_name or "run")(msa, timing)
     return 0
 
 

@@ -73,6 +73,7 @@ from ._validate import (
     check_tensor,
     default_scale,
 )
+from ._launch import SignatureCache, eager, tensor_key
 from .decode_kernel import LAYOUT_HND, LAYOUT_TOKEN, launch, make_plan, workspace_sizes
 from .errors import MsaUnsupportedError
 from .nvfp4 import Nvfp4QuantizedTensor, _round_up
@@ -87,6 +88,9 @@ _INT = (torch.int32, torch.int64)
 NVFP4_PACKED_DIM = HEAD_DIM // 2  # packed E2M1 bytes per row
 NVFP4_SCALE_COLS = HEAD_DIM // 16  # logical E4M3 scale columns (C = 8)
 _NVFP4_Q_DTYPES = (torch.bfloat16, torch.float16, FP8)
+
+
+_SIG = SignatureCache()  # validated call signatures of the functional entry points -> (plan, softmax scale)
 
 
 def _out_dtype(q_dtype: torch.dtype) -> torch.dtype:
@@ -108,11 +112,56 @@ def _plan_for(q, k, idx, table, layout, block_size, seqlen_q, hint_blocks, split
 
 
 def _workspaces(p, device):
+    """Fresh split workspaces for one launch (the counter zeroed by a memset)."""
     no, nml, nc = workspace_sizes(p)
     if nc == 0:
         return None, None, None
     return (torch.empty(no, dtype=torch.float32, device=device), torch.empty(nml, dtype=torch.float32, device=device),
             torch.zeros(nc, dtype=torch.int32, device=device))
+
+
+_STREAM_WS = {}  # (device index, raw stream) -> (o_part, ml_part, counter), grown on demand
+
+
+def _eager_workspaces(p, device):
+    """Split workspaces for an eager launch: one set per (device, stream), reused across calls (the kernel leaves
+    the counter zeroed). While the stream is being captured into a CUDA graph, fresh ones (``_workspaces``), so a
+    graph never shares scratch memory with eager calls or other graphs."""
+    no, nml, nc = workspace_sizes(p)
+    if nc == 0:
+        return None, None, None
+    if device.type != "cuda" or torch.cuda.is_current_stream_capturing():
+        return _workspaces(p, device)
+    skey = (device.index, torch._C._cuda_getCurrentRawStream(device.index))
+    ws = _STREAM_WS.get(skey)
+    if ws is None or ws[0].numel() < no or ws[1].numel() < nml or ws[2].numel() < nc:
+        ws = (torch.empty(max(no, 1 << 16), dtype=torch.float32, device=device),
+              torch.empty(max(nml, 1 << 10), dtype=torch.float32, device=device),
+              torch.zeros(max(nc, 256), dtype=torch.int32, device=device))
+        _STREAM_WS[skey] = ws
+    return ws
+
+
+def _run_eager(p, key, layout, q, k, v, idx, table, lens, slot_ids, sink, causal, scale, return_lse, nvfp4=None):
+    """Eager launch without the custom-op dispatcher (same kernel, same plan): ``(out, lse or None)``."""
+    t, hq, d = q.shape
+    out = torch.empty((t, hq, d), dtype=_out_dtype(q.dtype), device=q.device)
+    lse = torch.empty((t, hq), dtype=torch.float32, device=q.device) if return_lse else None
+    if p is None:  # no slot can hold a token (token layout, empty cache): every row is empty
+        out.zero_()
+        if lse is not None:
+            lse.fill_(float("-inf"))
+        return out, lse
+    o_part, ml_part, counter = _eager_workspaces(p, q.device)
+    launch(p, layout=layout, q=q, k=k, v=v, idx=idx, table=table, lens=lens, slot_ids=slot_ids, sink=sink, out=out,
+           lse=lse, o_part=o_part, ml_part=ml_part, counter=counter, causal=causal, scale=scale,
+           write_lse=return_lse, nvfp4=nvfp4, key=key)
+    return out, lse
+
+
+def _host_key(*values):
+    """Host scalars with their types (``True`` and ``1`` must not share a cache entry)."""
+    return tuple((type(x), x) for x in values)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -426,6 +475,23 @@ def sparse_decode_atten_func(q, k, v, q2k_indices=None, *, page_table, seqused_k
     materialised). Scales with non-uint8 k/v, or uint8 k/v without scales: ValueError naming the
     argument; other errors as API.md 5.13's table.
     """
+    if k_scale_128x4 is None and v_scale_128x4 is None and k_global_scale is None and v_global_scale is None:
+        try:
+            key = ("official", tensor_key(q), tensor_key(k), tensor_key(v), tensor_key(q2k_indices),
+                   tensor_key(page_table), tensor_key(seqused_k),
+                   _host_key(seqlen_q, max_seqlen_k, blk_kv, causal, softmax_scale, return_softmax_lse))
+            ent = _SIG.get(key)
+        except (AttributeError, TypeError):  # not tensors / unhashable: the checks below name the argument
+            key = ent = None
+        if ent is None and key is not None and type(k) is torch.Tensor and k.dtype != torch.uint8:
+            _validate_official(q, k, v, q2k_indices, page_table, seqused_k, seqlen_q, max_seqlen_k, blk_kv)
+            ent = _SIG.put(key, (_plan_for(q, k, q2k_indices, page_table, LAYOUT_HND, BLK_KV, int(seqlen_q),
+                                           _dense_hint(page_table, max_seqlen_k)),
+                                 default_scale(softmax_scale, HEAD_DIM)))
+        if ent is not None and eager():
+            out, lse = _run_eager(ent[0], key, LAYOUT_HND, q, k, v, q2k_indices, page_table, seqused_k, None, None,
+                                  bool(causal), ent[1], bool(return_softmax_lse))
+            return (out, lse) if return_softmax_lse else out
     k, v, fp4 = _resolve_kv(k, v, k_scale_128x4, v_scale_128x4, k_global_scale, v_global_scale)
     if fp4 is not None:
         _validate_nvfp4(q, k, v, fp4, q2k_indices, page_table, seqused_k, seqlen_q, max_seqlen_k, blk_kv)
@@ -521,6 +587,7 @@ class SparseDecodePagedAttentionWrapper:
         self._ml_partial = torch.empty(max(nml, 1), dtype=torch.float32, device=dev)
         self._counter = torch.zeros(max(nc, 1), dtype=torch.int32, device=dev)
         self._lse_dummy = torch.empty(0, dtype=torch.float32, device=dev)
+        self._run_sigs = SignatureCache(64)  # run() signatures validated against this plan
         self._planned = True
         return self
 
@@ -534,6 +601,29 @@ class SparseDecodePagedAttentionWrapper:
         """
         if not self._planned:
             raise RuntimeError("decode wrapper must be planned before run")
+        if k_scale_128x4 is None and v_scale_128x4 is None and k_global_scale is None and v_global_scale is None:
+            try:
+                key = (tensor_key(q), tensor_key(k), tensor_key(v), tensor_key(out), tensor_key(lse),
+                       _host_key(softmax_scale, return_softmax_lse))
+                ent = self._run_sigs.get(key)
+            except (AttributeError, TypeError):
+                key = ent = None
+            if ent is not None and eager():
+                p, scale, lkey = ent
+                if out is None:
+                    out = torch.empty(q.shape, dtype=p[1], device=q.device)
+                lse_buf = self._lse_dummy
+                if return_softmax_lse:
+                    if lse is None:
+                        lse = torch.empty((q.shape[0], q.shape[1]), dtype=torch.float32, device=q.device)
+                    lse_buf = lse
+                launch(p[0], layout=LAYOUT_HND, q=q, k=k, v=v, idx=self.q2k_indices, table=self.page_table,
+                       lens=self.seqused_k, slot_ids=None, sink=None, out=out, lse=lse_buf, o_part=self.O_partial,
+                       ml_part=self._ml_partial, counter=self._counter, causal=self.causal, scale=scale,
+                       write_lse=bool(return_softmax_lse), key=lkey)
+                return (out, lse) if return_softmax_lse else out
+        else:
+            key = None
         k, v, fp4 = _resolve_kv(k, v, k_scale_128x4, v_scale_128x4, k_global_scale, v_global_scale)
         check_tensor("q", q, ndim=3)
         check_tensor("k", k, ndim=4)
@@ -568,6 +658,15 @@ class SparseDecodePagedAttentionWrapper:
         else:
             lse_buf = self._lse_dummy
         scale = default_scale(softmax_scale, self.head_dim)
+        if fp4 is None and key is not None:  # validated: later runs with this signature skip the checks
+            p = make_plan(q.device, B=self.batch, Hkv=self.num_kv_heads, G=self.num_qo_heads // self.num_kv_heads,
+                          SQ=self.seqlen_q, D=self.head_dim, BS=BLK_KV,
+                          topk=0 if self.q2k_indices is None else self.q2k_indices.shape[2],
+                          hint_blocks=self._hint_blocks, split_override=self._split_override[False],
+                          max_grid=self._max_grid)
+            lkey = ("wrapper", key, tensor_key(self.q2k_indices), tensor_key(self.page_table),
+                    tensor_key(self.seqused_k), self.seqlen_q, self.causal, p.grid, p.tiles_per_split)
+            self._run_sigs.put(key, ((p, out_dtype), scale, lkey))
         if fp4 is not None:
             _sparse_decode_nvfp4_fwd_out(q, k, v, *_nvfp4_kernel_args(fp4), self.q2k_indices, self.page_table,
                                          self.seqused_k, out, lse_buf, self.O_partial, self._ml_partial, self._counter,
@@ -635,6 +734,16 @@ def flash_decode_with_gqa_share_sparse(q, sink, k_cache, v_cache, req_to_token, 
     NVFP4 (uint8 / ``Nvfp4QuantizedTensor``) caches are not supported here (MsaUnsupportedError): use
     ``sparse_decode_atten_func`` or ``SparseDecodePagedAttentionWrapper`` (paged HND) for NVFP4 K/V.
     """
+    try:
+        key = ("direct", tensor_key(q), tensor_key(sink), tensor_key(k_cache), tensor_key(v_cache),
+               tensor_key(req_to_token), tensor_key(seq_lens), tensor_key(slot_ids), tensor_key(topk_idx),
+               _host_key(block_size, sm_scale))
+        ent = _SIG.get(key)
+    except (AttributeError, TypeError):
+        key = ent = None
+    if ent is not None and eager():
+        return _run_eager(ent[0], key, LAYOUT_TOKEN, q, k_cache, v_cache, topk_idx, req_to_token, seq_lens, slot_ids,
+                          sink, True, ent[1], False)[0]
     for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
         if isinstance(t, Nvfp4QuantizedTensor) or (isinstance(t, torch.Tensor) and t.dtype == torch.uint8):
             raise MsaUnsupportedError(
@@ -642,6 +751,13 @@ def flash_decode_with_gqa_share_sparse(q, sink, k_cache, v_cache, req_to_token, 
                 "supported by sparse_decode_atten_func and SparseDecodePagedAttentionWrapper (paged HND cache)")
     _validate_direct(q, sink, k_cache, v_cache, req_to_token, seq_lens, slot_ids, block_size, topk_idx)
     scale = default_scale(sm_scale, q.shape[2])
+    if key is not None:
+        p = None if k_cache.shape[0] == 0 or q.shape[0] == 0 else _plan_for(
+            q, k_cache, topk_idx, req_to_token, LAYOUT_TOKEN, int(block_size), 1, 0)
+        _SIG.put(key, (p, scale))
+        if eager():
+            return _run_eager(p, key, LAYOUT_TOKEN, q, k_cache, v_cache, topk_idx, req_to_token, seq_lens, slot_ids,
+                              sink, True, scale, False)[0]
     out, _ = _sparse_decode_fwd(q, k_cache, v_cache, topk_idx, req_to_token, seq_lens, slot_ids, sink, LAYOUT_TOKEN,
                                 int(block_size), 1, True, scale, 0, False)
     return out

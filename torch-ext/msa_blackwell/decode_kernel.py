@@ -44,6 +44,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._launch import TritonLauncher
 from .nvfp4_tile import (FP4_ASM_F16, FP4_DEC_ASM, FP4_DEC_PORTABLE, e2m1_nibbles_f16, e4m3_times_128_f16,
                          nvfp4_decode_bytes_f16, nvfp4_scale_offset)
 
@@ -146,7 +147,7 @@ class LaunchPlan:
     """Every launch parameter, computed from shapes and host ints only (no device reads)."""
 
     __slots__ = ("B", "Hkv", "G", "SQ", "D", "BS", "topk", "dense", "BLOCK_M", "BLOCK_N", "MT", "TOK_P2",
-                 "TK_P2", "tiles_hint", "tiles_per_split", "num_splits", "units", "num_warps", "num_stages",
+                 "TK_P2", "tiles_hint", "tiles_per_split", "num_splits", "NS_P2", "units", "num_warps", "num_stages",
                  "chunk", "grid")
 
     def __repr__(self):
@@ -203,6 +204,7 @@ def plan_from_config(cfg, sms, *, B, Hkv, G, SQ, D, BS, topk, hint_blocks, split
         splits = max(1, min(splits, max_grid // p.units))
     p.tiles_per_split = -(-p.tiles_hint // splits)
     p.num_splits = -(-p.tiles_hint // p.tiles_per_split)
+    p.NS_P2 = _next_pow2(p.num_splits)
     p.num_warps = cfg["num_warps"][D]
     p.num_stages = cfg["num_stages"]
     chunk = min(_next_pow2(p.tiles_per_split), cfg["chunk_max"])
@@ -443,7 +445,7 @@ def msa_decode_kernel(
     DENSE: tl.constexpr, CAUSAL: tl.constexpr, HAS_SINK: tl.constexpr, WRITE_LSE: tl.constexpr,
     CDT: tl.constexpr,
     KV_FMT: tl.constexpr = 0, FP4_DEC: tl.constexpr = 0, HAS_KG: tl.constexpr = False,
-    HAS_VG: tl.constexpr = False, FP4_PF: tl.constexpr = 0,
+    HAS_VG: tl.constexpr = False, FP4_PF: tl.constexpr = 0, SLOT_PRE: tl.constexpr = 0,
 ):
     TPB: tl.constexpr = BS // BLOCK_N
     pid = tl.program_id(0)
@@ -544,7 +546,10 @@ def msa_decode_kernel(
         else:
             il = pblk // TOPK
             slv = pblk % TOPK
-            jv = tl.load(idx_base + il.to(tl.int64) * si_t + slv * si_s, mask=pv, other=-1).to(tl.int64)
+            # the chunk's block ids from the index rows already in registers (no second load of IDX)
+            sel3 = (tok[None, :, None] == il[:, None, None]) & (slot_ar[None, None, :] == slv[:, None, None])
+            jv = tl.sum(tl.sum(tl.where(sel3, idxm[None, :, :], 0), 2), 1)
+            jv = tl.where(pv, jv, -1)
             hit3 = idxm[None, :, :] == jv[:, None, None]  # [CH, TOK_P2, TK_P2]
             dup = tl.max(tl.max(tl.where(hit3 & (flatpos[None, :, :] < pblk[:, None, None]), 1, 0), 2), 1)
             okv = pv & (jv >= 0) & (jv < nb) & (dup == 0)
@@ -557,6 +562,14 @@ def msa_decode_kernel(
             okv = okv & pok
             pgsel = tl.where(okv, pg, 0).to(tl.int32)
         jsel = tl.where(okv, jv, -1).to(tl.int32)  # -1: skipped tile
+        if LAYOUT == 1:
+            if SLOT_PRE:
+                # every slot id of the chunk's tiles at once ([CH, BLOCK_N], independent loads): inside the
+                # tile loop the K / V addresses then depend on registers only, as on the paged path
+                xs = (jv * BS + (pos % TPB) * BLOCK_N)[:, None] + offs_n[None, :].to(tl.int64)
+                sl2 = tl.load(TABLE + req_row * st_0 + xs * st_1, mask=okv[:, None] & (xs < Lk), other=0)
+                sl2 = tl.where((sl2 >= 0) & (sl2 < NUM_ROWS_KV), sl2,
+                               ((sl2.to(tl.int64) % NUM_ROWS_KV) + NUM_ROWS_KV) % NUM_ROWS_KV).to(tl.int32)
         n_it = tl.minimum(t1 - c0, CH)
         if KV_FMT == 1:
             if FP4_PF == 2:  # register prefetch: raw bytes of the chunk's first tile
@@ -585,8 +598,11 @@ def msa_decode_kernel(
                 k_row = page * sk_0 + g * sk_1 + xo.to(tl.int64) * sk_2
                 v_row = page * sv_0 + g * sv_1 + xo.to(tl.int64) * sv_2
             else:
-                sl_id = tl.load(TABLE + req_row * st_0 + x * st_1, mask=kv_ok, other=0).to(tl.int64)
-                sl_id = ((sl_id % NUM_ROWS_KV) + NUM_ROWS_KV) % NUM_ROWS_KV
+                if SLOT_PRE:
+                    sl_id = tl.sum(tl.where(sel[:, None], sl2, 0), 0).to(tl.int64)
+                else:
+                    sl_id = tl.load(TABLE + req_row * st_0 + x * st_1, mask=kv_ok, other=0).to(tl.int64)
+                    sl_id = ((sl_id % NUM_ROWS_KV) + NUM_ROWS_KV) % NUM_ROWS_KV
                 k_row = sl_id * sk_0 + g * sk_1
                 v_row = sl_id * sv_0 + g * sv_1
             if KV_FMT == 0:
@@ -775,8 +791,11 @@ def fp4_prefetch_mode(device: torch.device, k, v) -> int:
     return mode
 
 
+SLOT_PRE = 1  # token layout: slot ids of a chunk loaded before its tile loop (1) or per tile (0)
+
+
 def launch(p: LaunchPlan, *, layout, q, k, v, idx, table, lens, slot_ids, sink, out, lse, o_part, ml_part, counter,
-           causal, scale, write_lse, nvfp4=None):
+           causal, scale, write_lse, nvfp4=None, key=None):
     """Launch ``msa_decode_kernel``.
 
     HND:   q [B*SQ, Hq, D]; k, v [P, Hkv, BS, D]; table = page_table [B, W]; lens = seqused_k [B].
@@ -788,56 +807,51 @@ def launch(p: LaunchPlan, *, layout, q, k, v, idx, table, lens, slot_ids, sink, 
     nvfp4: None, or ``(k_scale, v_scale, k_global, v_global)`` for packed NVFP4 K/V (HND only, no
     sink): k, v uint8 [P, Hkv, BS, D/2]; scales flat contiguous uint8 128x4-swizzled (logical row
     ``(page * Hkv + h) * BS + s``, D/16 columns); globals fp32 tensors (element 0) or None (= 1).
+    key: hashable signature fixing every shape, stride, dtype and host value of this call (enables the direct
+    launch of ``_launch.TritonLauncher``), or None.
     """
     if p.grid[0] == 0:
         return
     if nvfp4 is not None:
         k_sc, v_sc, k_gs, v_gs = nvfp4
-        fmt = dict(KV_FMT=KV_NVFP4, FP4_DEC=fp4_decoder(q.device), FP4_PF=fp4_prefetch_mode(q.device, k, v),
-                   HAS_KG=k_gs is not None,
-                   HAS_VG=v_gs is not None, CDT=tl.float16)  # NVFP4 MMAs run in fp16 for every q dtype
+        # NVFP4 MMAs run in fp16 for every q dtype
+        fmt = (tl.float16, KV_NVFP4, fp4_decoder(q.device), k_gs is not None, v_gs is not None,
+               fp4_prefetch_mode(q.device, k, v))
         ex = (k_sc, v_sc, q if k_gs is None else k_gs, q if v_gs is None else v_gs)
     else:
-        fmt = dict(CDT=_CDT[q.dtype])
+        fmt = (_CDT[q.dtype], KV_NATIVE, 0, False, False, 0)
         ex = (q, q, q, q)
+    ks, vs = k.stride(), v.stride()
     if layout == LAYOUT_HND:
-        sk = (k.stride(0), k.stride(1), k.stride(2), k.stride(3))
-        sv = (v.stride(0), v.stride(1), v.stride(2), v.stride(3))
-        rows_kv = k.shape[0]
+        sk, sv = ks, vs
     else:
-        sk = (k.stride(0), k.stride(1), 0, k.stride(2))
-        sv = (v.stride(0), v.stride(1), 0, v.stride(2))
-        rows_kv = k.shape[0]
+        sk = (ks[0], ks[1], 0, ks[2])
+        sv = (vs[0], vs[1], 0, vs[2])
     dense = idx is None
     idx_t = table if dense else idx
-    si = (0, 0, 0) if dense else (idx.stride(0), idx.stride(1), idx.stride(2))
+    si = (0, 0, 0) if dense else idx.stride()
     slots_t = lens if slot_ids is None else slot_ids
     s_slot = 0 if slot_ids is None else slot_ids.stride(0)
     sink_t = q if sink is None else sink
-    ss = (0, 0) if sink is None else (sink.stride(0), sink.stride(1))
+    ss = (0, 0) if sink is None else sink.stride()
     lse_t = lse if write_lse else out
-    sl = (lse.stride(0), lse.stride(1)) if write_lse else (0, 0)
+    sl = lse.stride() if write_lse else (0, 0)
     if p.num_splits == 1:
         o_part = ml_part = out
         counter = lens
-    msa_decode_kernel[p.grid](
-        q, k, v, idx_t, table, lens, slots_t, sink_t, out, lse_t, o_part, ml_part, counter, *ex,
-        q.stride(0), q.stride(1), q.stride(2),
-        *sk, *sv, *si,
-        table.stride(0), table.stride(1),
-        lens.stride(0), s_slot,
-        *ss,
-        out.stride(0), out.stride(1), out.stride(2),
-        *sl,
-        p.Hkv, p.G, p.SQ, max(p.topk, 1), table.shape[1], table.shape[0], rows_kv, p.MT,
-        p.tiles_per_split, p.tiles_hint,
-        float(scale) * LOG2E,
-        LAYOUT=layout, BS=p.BS, D=p.D, BLOCK_M=p.BLOCK_M, BLOCK_N=p.BLOCK_N, TOK_P2=p.TOK_P2, TK_P2=p.TK_P2,
-        NUM_SPLITS=p.num_splits, NS_P2=_next_pow2(p.num_splits), CH=p.chunk,
-        DENSE=dense, CAUSAL=bool(causal), HAS_SINK=sink is not None, WRITE_LSE=bool(write_lse),
-        **fmt,
-        num_warps=p.num_warps, num_stages=p.num_stages,
-    )
+    tshape = table.shape
+    args = (q, k, v, idx_t, table, lens, slots_t, sink_t, out, lse_t, o_part, ml_part, counter, *ex,
+            *q.stride(), *sk, *sv, *si, *table.stride(), lens.stride(0), s_slot, *ss, *out.stride(), *sl,
+            p.Hkv, p.G, p.SQ, max(p.topk, 1), tshape[1], tshape[0], k.shape[0], p.MT, p.tiles_per_split,
+            p.tiles_hint, float(scale) * LOG2E,
+            layout, p.BS, p.D, p.BLOCK_M, p.BLOCK_N, p.TOK_P2, p.TK_P2, p.num_splits, p.NS_P2, p.chunk, dense,
+            bool(causal), sink is not None, bool(write_lse), *fmt, SLOT_PRE if layout == LAYOUT_TOKEN else 0)
+    if key is not None:  # the plan fixes every constexpr and host int the caller's key does not
+        key = (key, p.grid, p.BLOCK_M, p.BLOCK_N, p.TK_P2, p.tiles_per_split, p.chunk, SLOT_PRE)
+    _LAUNCHER(p.grid, args, key=key, num_warps=p.num_warps, num_stages=p.num_stages)
+
+
+_LAUNCHER = TritonLauncher(msa_decode_kernel)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -962,7 +976,8 @@ def aot_configs(arch: int, full: bool = False):
                         TK_P2=p.TK_P2, NUM_SPLITS=p.num_splits, NS_P2=_next_pow2(p.num_splits), CH=p.chunk,
                         DENSE=p.dense, CAUSAL=causal, HAS_SINK=sink, WRITE_LSE=wlse, CDT=cdt,
                         KV_FMT=KV_NATIVE if dec is None else KV_NVFP4, FP4_DEC=dec or 0,
-                        HAS_KG=dec is not None, HAS_VG=dec is not None, FP4_PF=pf)
+                        HAS_KG=dec is not None, HAS_VG=dec is not None, FP4_PF=pf,
+                        SLOT_PRE=SLOT_PRE if layout == LAYOUT_TOKEN else 0)
             kvname = torch_to_tl_name(kd) if dec is None else f"nvfp4 dec{dec} pf{pf}"
             label = (f"{'HND' if layout == LAYOUT_HND else 'TOK'} D{p.D} BS{p.BS} M{p.BLOCK_M} N{p.BLOCK_N} "
                      f"{'dense' if p.dense else f'tok{p.TOK_P2}xtk{p.TK_P2}'} S{p.num_splits} CH{p.chunk} "

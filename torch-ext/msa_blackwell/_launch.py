@@ -1,0 +1,88 @@
+"""Low-overhead Triton launches and per-signature caches for the eager hot paths.
+
+``TritonLauncher(kernel)`` launches a ``@triton.jit`` kernel from a positional tuple holding every parameter in
+declaration order (constexprs included). The first launch of a *configuration* goes through Triton's normal
+``kernel[grid](...)`` path (compiling if needed); it returns the compiled kernel, which is cached under the
+caller's static key plus the 16-byte alignment of every tensor argument (the only per-call property Triton
+specialises on that the static key does not already fix: the caller's key must cover dtypes, shapes, strides,
+host ints and constexprs). Later launches call the compiled kernel's C launcher directly, skipping Triton's
+Python argument binding and specialisation. Launch hooks (profilers) or an interpreter run always take the normal
+path.
+
+``SignatureCache``: a bounded dict for validated call signatures (``key -> whatever the caller derived``).
+``tensor_key(t)``: a cheap hashable description of one tensor (dtype, shape, strides, device index).
+"""
+
+import torch
+import triton
+
+from ._validate import interpreter_active
+
+try:
+    from triton import knobs as _knobs
+except ImportError:  # Triton < 3.4: no direct launches
+    _knobs = None
+
+_TRITON_MAJOR_MINOR = tuple(int(x) for x in triton.__version__.split(".")[:2])
+# Triton >= 3.4 launches ``CompiledKernel.run(gx, gy, gz, stream, function, packed_metadata, launch_metadata,
+# enter_hook, exit_hook, *all_params)``; earlier versions take another argument list.
+_DIRECT_OK = _knobs is not None and _TRITON_MAJOR_MINOR >= (3, 4)
+
+
+def tensor_key(t):
+    """``(dtype, shape, strides, device index)`` of a tensor, or None."""
+    if t is None:
+        return None
+    return (t.dtype, t.shape, t.stride(), t.get_device())
+
+
+def eager() -> bool:
+    """True when the caller may skip the custom-op dispatcher (not tracing under torch.compile)."""
+    return not torch.compiler.is_compiling()
+
+
+class SignatureCache(dict):
+    """``dict`` with a size bound: cleared when full (signatures are few in a serving loop)."""
+
+    def __init__(self, limit: int = 1024):
+        super().__init__()
+        self.limit = limit
+
+    def put(self, key, value):
+        if len(self) >= self.limit:
+            self.clear()
+        self[key] = value
+        return value
+
+
+class TritonLauncher:
+    """Launch ``kernel`` with positional arguments (all parameters, declaration order); see the module doc."""
+
+    def __init__(self, kernel):
+        self.kernel = kernel
+        self.compiled = {}
+
+    def __call__(self, grid, args, *, key=None, num_warps=4, num_stages=2):
+        """grid: tuple of 1-3 ints; args: tuple of every kernel parameter; key: hashable static signature of
+        this launch (None: always the normal Triton path)."""
+        direct = _DIRECT_OK and key is not None and args[0].is_cuda and not interpreter_active()
+        if direct:
+            if _knobs.runtime.launch_enter_hook is not None or _knobs.runtime.launch_exit_hook is not None:
+                direct = False
+        if direct:
+            align = 0
+            for a in args:
+                if isinstance(a, torch.Tensor):
+                    align = (align << 1) | (a.data_ptr() & 15 == 0)
+            full = (key, align, num_warps, num_stages, args[0].get_device())
+            ck = self.compiled.get(full)
+            if ck is not None:
+                g = grid + (1, 1)
+                stream = torch._C._cuda_getCurrentRawStream(args[0].get_device())
+                ck.run(g[0], g[1], g[2], stream, ck.function, ck.packed_metadata, None, None, None, *args)
+                return
+        ck = self.kernel[grid](*args, num_warps=num_warps, num_stages=num_stages)
+        if direct and ck is not None and hasattr(ck, "packed_metadata"):
+            if len(self.compiled) >= 512:
+                self.compiled.clear()
+            self.compiled[full] = ck
