@@ -3,7 +3,8 @@
 // One CTA per (h, b) row. Every block j of the row gets a distinct 64-bit key
 //   key = order_preserving_u32(score) << 32 | (idmask - j) << idshift
 // so that a larger key means (higher score, then lower id). Invalid blocks (j >= n, -inf, NaN) get key 0;
-// forced local blocks get the high word 0xFFFFFFFF (above +inf), so they rank first, ascending in id.
+// forced init blocks get the high word 0xFFFFFFFF and forced local blocks 0xFFFFFFFE (both above +inf, which
+// maps to 0xFF800000), so init blocks rank first, then local blocks, each ascending in id, then the scores.
 //
 // Selection (deterministic, no atomics-order dependence in the result):
 //  1. Each thread keeps its ITEMS keys in registers (j = i * THREADS + tid) and takes their max. The CTA is split
@@ -35,10 +36,13 @@ namespace {
 constexpr int kCap = 256;           // candidates kept for the final ranking
 constexpr unsigned kFull = 0xffffffffu;
 
-__device__ __forceinline__ uint64_t make_key(float x, int j, int n, int f_lo, uint32_t idmask, int idshift) {
+// Block j of a row with n valid blocks: local blocks are [f_lo, n), init blocks [0, i_hi) (i_hi <= f_lo).
+__device__ __forceinline__ uint64_t make_key(float x, int j, int n, int f_lo, int i_hi, uint32_t idmask,
+                                             int idshift) {
   if (j >= n) return 0ull;
   const uint32_t lo = (idmask - static_cast<uint32_t>(j)) << idshift;
-  if (j >= f_lo) return (0xffffffffull << 32) | lo;  // forced local block
+  if (j >= f_lo) return (0xfffffffeull << 32) | lo;  // forced local block
+  if (j < i_hi) return (0xffffffffull << 32) | lo;   // forced init block (not local)
   uint32_t u = __float_as_uint(x);
   const uint32_t a = u & 0x7fffffffu;
   if (a > 0x7f800000u || u == 0xff800000u) return 0ull;  // NaN or -inf: never a candidate
@@ -57,8 +61,8 @@ __device__ __forceinline__ uint64_t umax64(uint64_t a, uint64_t b) { return a > 
 template <int THREADS, int ITEMS>
 __global__ void __launch_bounds__(THREADS)
 topk_from_scores_kernel(const float* __restrict__ score, const int* __restrict__ seq_lens, int* __restrict__ out,
-                        int B, int NB, unsigned block_size, int topk, int force, int G, uint32_t idmask,
-                        int idshift) {
+                        int B, int NB, unsigned block_size, int topk, int init, int force, int G,
+                        uint32_t idmask, int idshift) {
   constexpr int W = THREADS / 32;
   __shared__ uint64_t s_gmax[128];
   __shared__ uint64_t s_cand[kCap];
@@ -93,11 +97,12 @@ topk_from_scores_kernel(const float* __restrict__ score, const int* __restrict__
   const unsigned nblk = slu / block_size + (slu % block_size != 0u ? 1u : 0u);
   const int n = nblk < static_cast<unsigned>(NB) ? static_cast<int>(nblk) : NB;
   const int f_lo = force > 0 ? (n > force ? n - force : 0) : n;
+  const int i_hi = init < f_lo ? init : f_lo;  // init >= 0
 
   uint64_t keys[NK];
   if constexpr (ITEMS > 0) {
 #pragma unroll
-    for (int i = 0; i < ITEMS; ++i) keys[i] = make_key(xs[i], i * THREADS + tid, n, f_lo, idmask, idshift);
+    for (int i = 0; i < ITEMS; ++i) keys[i] = make_key(xs[i], i * THREADS + tid, n, f_lo, i_hi, idmask, idshift);
   }
   // Calls f(key) for every element of this thread; the trip count is uniform over the CTA (ballots inside f).
   auto visit = [&](auto&& f) {
@@ -108,7 +113,7 @@ topk_from_scores_kernel(const float* __restrict__ score, const int* __restrict__
       for (int base = 0; base < NB; base += THREADS) {
         const int j = base + tid;
         const float x = j < n ? __ldg(srow + j) : 0.f;
-        f(make_key(x, j, n, f_lo, idmask, idshift));
+        f(make_key(x, j, n, f_lo, i_hi, idmask, idshift));
       }
     }
   };
@@ -230,10 +235,10 @@ topk_from_scores_kernel(const float* __restrict__ score, const int* __restrict__
 
 template <int THREADS, int ITEMS>
 cudaError_t launch(const float* score, const int* seq_lens, int* out, int64_t rows, int B, int NB,
-                   unsigned block_size, int topk, int force, int G, uint32_t idmask, int idshift,
+                   unsigned block_size, int topk, int init, int force, int G, uint32_t idmask, int idshift,
                    cudaStream_t stream) noexcept {
   topk_from_scores_kernel<THREADS, ITEMS><<<static_cast<unsigned>(rows), THREADS, 0, stream>>>(
-      score, seq_lens, out, B, NB, block_size, topk, force, G, idmask, idshift);
+      score, seq_lens, out, B, NB, block_size, topk, init, force, G, idmask, idshift);
   return cudaGetLastError();
 }
 
@@ -241,10 +246,12 @@ cudaError_t launch(const float* score, const int* seq_lens, int* out, int64_t ro
 
 int msa_topk_from_scores_launch(const float* score, const int32_t* seq_lens, int32_t* topk_idx, int64_t H,
                                 int64_t B, int64_t NB, int64_t block_size, int64_t topk,
-                                int64_t force_local_blocks, void* stream) noexcept {
+                                int64_t force_init_blocks, int64_t force_local_blocks, void* stream) noexcept {
   constexpr int64_t kInt32Max = std::numeric_limits<int32_t>::max();
   // Defence in depth: the binding has validated all of this already; nothing out of range is ever launched.
-  if (topk < 1 || topk > kMsaTopkMaxK || block_size < 1 || force_local_blocks < 0) return cudaErrorInvalidValue;
+  if (topk < 1 || topk > kMsaTopkMaxK || block_size < 1 || force_init_blocks < 0 || force_local_blocks < 0) {
+    return cudaErrorInvalidValue;
+  }
   if (H < 0 || B < 0 || NB < 0 || H > kInt32Max || B > kInt32Max || NB > kInt32Max / 2) {
     return cudaErrorInvalidValue;
   }
@@ -261,6 +268,8 @@ int msa_topk_from_scores_launch(const float* score, const int32_t* seq_lens, int
   const int k = static_cast<int>(topk);
   const int G = k <= 8 ? 32 : (k <= 16 ? 64 : 128);
   const int force = force_local_blocks > NB ? nb + 1 : static_cast<int>(force_local_blocks);
+  // Only min(init, f_lo) <= n <= NB init blocks can exist: clamping to NB changes nothing.
+  const int init = force_init_blocks > NB ? nb : static_cast<int>(force_init_blocks);
   const int b = static_cast<int>(B);
   // seq_lens are int32, so ceil(seq_len / block_size) is unchanged by clamping block_size to 2^31 - 1.
   const unsigned bsz = static_cast<unsigned>(std::min<int64_t>(block_size, kInt32Max));
@@ -268,7 +277,7 @@ int msa_topk_from_scores_launch(const float* score, const int32_t* seq_lens, int
   const int* lp = seq_lens;
   int* op = topk_idx;
 
-#define MSA_TOPK_LAUNCH(T, I) launch<T, I>(score, lp, op, rows, b, nb, bsz, k, force, G, idmask, idshift, st)
+#define MSA_TOPK_LAUNCH(T, I) launch<T, I>(score, lp, op, rows, b, nb, bsz, k, init, force, G, idmask, idshift, st)
   cudaError_t err;
   if (NB <= 128) {
     err = MSA_TOPK_LAUNCH(128, 1);

@@ -346,6 +346,98 @@ def test_decode_indexer_o_and_naive(device):
     assert o.dtype == q.dtype and (o.cpu().float() - o_n.float()).abs().max() <= 2e-3
 
 
+def _int_valued_kv_case(B, Hq, Hkv, D, max_len, n_slots, dtype):
+    """Small integer q / K / V: every score is an exact integer in fp32 and float64 alike (ties included), so the
+    kernel's selection must equal the float64 reference's id for id."""
+    q = torch.randint(-2, 3, (B, Hq, D)).to(dtype)
+    kv = torch.randint(-2, 3, (n_slots, 2, max_len, Hkv, D)).to(dtype)
+    kc = kv[:, 0].reshape(n_slots * max_len, Hkv, D)
+    r2t = (torch.arange(n_slots).view(n_slots, 1) * max_len + torch.arange(max_len).view(1, -1)).to(torch.int32)
+    return q, kv, kc, r2t
+
+
+@pytest.mark.kernels_ci
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_decode_indexer_init_local_vs_naive(device, dtype):
+    """Every init in {0, 1, 3} x local in {0, 1, 2}: exact ids against naive_flash_decode_with_topk_idx (float64).
+    Lengths 0, one token, partial last block, whole blocks, past the cache width (clamped); int32 and int64
+    seq_lens give the same ids. bf16 on a GPU only (the interpreter's bf16 is not trusted)."""
+    if dtype == torch.bfloat16 and device.type != "cuda":
+        pytest.skip("bf16 runs on a GPU only")
+    B, Hq, Hkv, D, bs, max_len = 6, 4, 2, 64, 16, 112  # 7 blocks per request
+    q, kv, kc, r2t = _int_valued_kv_case(B, Hq, Hkv, D, max_len, 7, dtype)
+    seq_lens = torch.tensor([112, 0, 1, 40, 500, 33], dtype=torch.int32)
+    slot_ids = torch.tensor([6, 0, 2, 3, 1, 5], dtype=torch.int32)
+    dev_args = [t.to(device) for t in (q, kc, r2t, seq_lens, slot_ids)]
+    for init in (0, 1, 3):
+        for local in (0, 1, 2):
+            for topk in (2, 8):
+                _, idx_n = naive_flash_decode_with_topk_idx(q.float(), None, kv.float(), seq_lens, max_len, slot_ids,
+                                                            bs, topk, sm_scale=1.0, init_blocks=init,
+                                                            local_blocks=local)
+                _, idx, _ = flash_decode_with_topk_idx(dev_args[0], None, dev_args[1], None, dev_args[2],
+                                                       dev_args[3], max_len, dev_args[4], bs, topk, init, local,
+                                                       sm_scale=1.0, disable_index_value=True)
+                assert idx.dtype == torch.int32 and tuple(idx.shape) == (Hq, B, topk)
+                assert torch.equal(idx.cpu(), idx_n), (init, local, topk)
+                if topk != 8:
+                    continue
+                _, idx64, _ = flash_decode_with_topk_idx(dev_args[0], None, dev_args[1], None, dev_args[2],
+                                                         dev_args[3].long(), max_len, dev_args[4].long(), bs, topk,
+                                                         init, local, sm_scale=1.0, disable_index_value=True)
+                assert torch.equal(idx64.cpu(), idx_n), ("int64", init, local, topk)
+
+
+@pytest.mark.parametrize("init_blocks,local_blocks", [(1, 2), (3, 0), (0, 1)])
+def test_decode_indexer_max_seqlen_below_lengths(device, init_blocks, local_blocks):
+    """max_seqlen < seq_lens (NB from max_seqlen) and seq_lens > width, int32 straight into the top-k and int64
+    clamped first: both equal the exact order on the kernel's scores with n = min(ceil(min(L, width)/bs), NB)."""
+    B, Hq, Hkv, D, bs, topk, width = 4, 2, 1, 64, 16, 6, 96
+    q, kc, r2t, seq_lens, slot_ids = _ragged_case(B, Hq, Hkv, D, 50, width, [96, 300, 20, -4])
+    args = [t.to(device) for t in (q, kc, r2t, seq_lens, slot_ids)]
+    for max_seqlen in (40, 96, 1000):
+        nbw = -(-min(max_seqlen, width) // bs)
+        sc = _scores_op(*args, nbw, bs, 0.125, False).cpu()
+        want = _ref_select(sc, seq_lens, width, bs, topk, init_blocks, local_blocks)
+        for sl in (args[3], args[3].long()):
+            _, idx, _ = flash_decode_with_topk_idx(args[0], None, args[1], None, args[2], sl, max_seqlen, args[4],
+                                                   bs, topk, init_blocks, local_blocks, sm_scale=0.125,
+                                                   disable_index_value=True)
+            assert torch.equal(idx.cpu(), want), (max_seqlen, sl.dtype)
+
+
+def test_decode_indexer_fast_check_agrees(device):
+    """The eager fast check accepts only what the full validation accepts (and the common call)."""
+    q = torch.randn(2, 4, 64, dtype=torch.float16, device=device)
+    kc = torch.randn(32, 2, 64, dtype=torch.float16, device=device)
+    r2t = torch.zeros(2, 32, dtype=torch.int32, device=device)
+    sl = torch.tensor([5, 9], dtype=torch.int32, device=device)
+    si = torch.tensor([0, 1], dtype=torch.int32, device=device)
+    base = dict(q=q, sink=None, k_cache=kc, v_cache=None, req_to_token=r2t, seq_lens=sl, max_seqlen=32, slot_ids=si,
+                block_size=16, topk=2, init_blocks=1, local_blocks=1, score_type="max", disable_index_value=True)
+    assert ix._decode_indexer_fast_ok(**base)
+    variants = [dict(block_size=24), dict(block_size=8), dict(block_size=16.0), dict(topk=0), dict(topk=65),
+                dict(topk=True), dict(init_blocks=-1), dict(local_blocks=-1), dict(local_blocks=1.0),
+                dict(max_seqlen=32.0), dict(max_seqlen=True), dict(score_type="sum"), dict(q=q.float()),
+                dict(q=q[0]), dict(k_cache=kc.bfloat16()), dict(k_cache=kc[:, :, :32]), dict(k_cache=kc[:, :1].expand(32, 3, 64)),
+                dict(req_to_token=r2t.float()), dict(req_to_token=r2t[0]), dict(seq_lens=sl[:1]),
+                dict(seq_lens=sl.to(torch.int16)), dict(slot_ids=si.view(2, 1)), dict(seq_lens=sl.to("meta")),
+                dict(v_cache=kc), dict(disable_index_value=False), dict(sink=torch.randn(4, 64, device=device)),
+                dict(q=torch.randn(2, 4, 32, dtype=torch.float16, device=device))]
+    for v in variants:
+        kw = dict(base, **v)
+        assert not ix._decode_indexer_fast_ok(**kw), v
+        mx = kw.pop("max_seqlen")
+        try:
+            ix._validate_decode_indexer(**kw)
+            if isinstance(mx, bool) or not isinstance(mx, int):
+                raise ValueError("max_seqlen")
+        except (TypeError, ValueError):  # MsaUnsupportedError is a ValueError
+            continue
+        # accepted by the full validation: only the value / sink variants (not on the fast path by design)
+        assert set(v) <= {"v_cache", "disable_index_value", "sink"}, v
+
+
 def test_decode_indexer_errors(device):
     q = torch.randn(2, 4, 64, dtype=torch.float16, device=device)
     kc = torch.randn(32, 2, 64, dtype=torch.float16, device=device)

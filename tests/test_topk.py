@@ -207,6 +207,80 @@ def test_forced_more_than_topk_and_blocks(device):
     assert out.cpu().tolist() == [[[0, 1, 2], [0, 1, -1], [-1, -1, -1]]]
 
 
+# ----------------------------------------------------------------------------------------------------------
+# forced init blocks (+ local blocks): the §11.2 decode rule init asc, local asc, rest by (score desc, id asc)
+# ----------------------------------------------------------------------------------------------------------
+def ref_topk_forced(score, seq_lens, block_size, topk, init=0, local=0):
+    """Plain-Python statement of the rule, row by row (independent of ref_topk and of both implementations)."""
+    s = score.detach().double().cpu().tolist()
+    sl = [int(x) for x in seq_lens.cpu().tolist()]
+    H, B, NB = score.shape
+    out = torch.full((H, B, topk), -1, dtype=torch.int32)
+    for b in range(B):
+        n = min(-(-max(sl[b], 0) // block_size), NB)
+        loc = list(range(max(n - local, 0), n)) if local > 0 else []
+        ini = [j for j in range(min(init, n)) if j not in loc]
+        for h in range(H):
+            rest = [j for j in range(n) if j not in loc and j not in ini
+                    and not math.isnan(s[h][b][j]) and s[h][b][j] != -math.inf]
+            rest.sort(key=lambda j: (-s[h][b][j], j))  # -0.0 == 0.0: ties by id
+            row = (ini + loc + rest)[:topk]
+            out[h, b, :len(row)] = torch.tensor(row, dtype=torch.int32)
+    return out
+
+
+def _forced_init_inputs(device, NB, bs=8, B=9):
+    score, seq_lens = make_inputs(3, B, NB, bs, device)  # integer ties, -inf / NaN / +inf / -0.0
+    lens = [0, -5, NB * bs + 3 * bs + 1, 1, bs, bs + 1, 2 * bs - 1, 3 * bs + 2, NB * bs]  # 0, <0, > NB, partial
+    seq_lens[:len(lens)] = torch.tensor(lens[:B], dtype=torch.int32)
+    score[:, 3, 0] = -math.inf  # n = 1, the only block has no score: still forced (init or local)
+    score[1, 4, 0] = math.nan
+    return score, seq_lens
+
+
+@pytest.mark.kernels_ci
+@pytest.mark.parametrize("NB", [1, 3, 6, 40])
+@pytest.mark.parametrize("init,local", [(1, 0), (2, 0), (3, 1), (1, 2), (5, 3), (100, 0), (2, 100), (0, 2)])
+def test_forced_init_blocks(device, NB, init, local):
+    """Fallback (CPU) or native op (CUDA) vs the plain statement: init and local overlapping, init >= n,
+    topk > n, lengths 0 / < 0 / partial last block / past NB, forced blocks with -inf / NaN scores."""
+    score, seq_lens = _forced_init_inputs(device, NB)
+    for topk in (1, 2, 4, 16, 64):
+        ref = ref_topk_forced(score, seq_lens, 8, topk, init, local)
+        fb = topk_mod.topk_from_scores_torch(score, seq_lens, 8, topk, local, force_init_blocks=init)
+        assert_topk_equal(fb, ref, f"fallback NB={NB} i={init} m={local} k={topk}")
+        out = msa.native_topk_from_scores(score, seq_lens, 8, topk, force_local_blocks=local, force_init_blocks=init)
+        assert_topk_equal(out, ref, f"NB={NB} i={init} m={local} k={topk}")
+
+
+@pytest.mark.kernels_ci
+def test_forced_init_order_example(device):
+    # n = 6 (block_size 10, length 55): init {0, 1} first (ascending), then local {4, 5}, then by score, ids on ties
+    score = torch.tensor([[[-math.inf, 1.0, 7.0, 7.0, math.nan, 9.0, 8.0]]], device=device)  # [1, 1, 7]
+    seq_lens = torch.tensor([55], dtype=torch.int32, device=device)
+    f = msa.native_topk_from_scores
+    assert f(score, seq_lens, 10, 7, force_init_blocks=2, force_local_blocks=2).cpu().tolist() == [
+        [[0, 1, 4, 5, 2, 3, -1]]]
+    # init overlapping local: block 4 is local, not init; order init {0..3} then local {4, 5}
+    assert f(score, seq_lens, 10, 7, force_init_blocks=5, force_local_blocks=2).cpu().tolist() == [
+        [[0, 1, 2, 3, 4, 5, -1]]]
+    # init only: forced 0 (score -inf) first, then by score: 5 (9), 2, 3 (7, id order), 1; NaN 4 excluded
+    assert f(score, seq_lens, 10, 7, force_init_blocks=1).cpu().tolist() == [[[0, 5, 2, 3, 1, -1, -1]]]
+    # init >= n with local covering everything: local wins, ascending
+    assert f(score, seq_lens, 10, 3, force_init_blocks=50, force_local_blocks=50).cpu().tolist() == [[[0, 1, 2]]]
+    # topk smaller than the forced set: the first topk of init + local
+    assert f(score, seq_lens, 10, 3, force_init_blocks=2, force_local_blocks=3).cpu().tolist() == [[[0, 1, 3]]]
+
+
+@pytest.mark.kernels_ci
+def test_forced_init_huge_and_zero_length(device):
+    score = torch.randn(2, 3, 5, device=device)
+    seq_lens = torch.tensor([0, 2**31 - 1, -7], dtype=torch.int32, device=device)
+    for init, local in ((2**40, 0), (2**40, 2**40), (3, 2**35)):
+        out = msa.native_topk_from_scores(score, seq_lens, 1, 6, force_local_blocks=local, force_init_blocks=init)
+        assert_topk_equal(out, ref_topk_forced(score, seq_lens, 1, 6, min(init, 99), min(local, 99)))
+
+
 @pytest.mark.kernels_ci
 def test_empty(device):
     for shape in ((4, 0, 16), (0, 3, 16), (2, 3, 0)):
@@ -244,6 +318,12 @@ def test_bad_inputs():
         f(s, sl, 0, 4)
     with pytest.raises(ValueError, match="force_local_blocks"):
         f(s, sl, 8, 4, force_local_blocks=-1)
+    with pytest.raises(ValueError, match="force_init_blocks"):
+        f(s, sl, 8, 4, force_init_blocks=-1)
+    with pytest.raises(TypeError, match="force_init_blocks"):
+        f(s, sl, 8, 4, force_init_blocks=1.0)
+    with pytest.raises(TypeError, match="force_init_blocks"):
+        f(s, sl, 8, 4, force_init_blocks=True)
     with pytest.raises(TypeError, match="topk"):
         f(s, sl, 8, 4.0)
 
@@ -280,6 +360,12 @@ def test_torch_compile_fullgraph(device):
     assert_topk_equal(out, ref_topk(score, seq_lens, 16, 8, 1))
     out = torch.compile(fn0, fullgraph=True, backend=backend)(score, seq_lens)
     assert_topk_equal(out, ref_topk(score, seq_lens, 16, 8))
+
+    def fn_init(s, sl):
+        return msa.native_topk_from_scores(s, sl, 16, 8, force_local_blocks=2, force_init_blocks=1)
+
+    out = torch.compile(fn_init, fullgraph=True, backend=backend)(score, seq_lens)
+    assert_topk_equal(out, ref_topk_forced(score, seq_lens, 16, 8, 1, 2))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -327,6 +413,52 @@ def test_native_vs_fallback_stress(cuda_device):
                 assert torch.equal(out, exp), f"NB={NB} k={topk} {kind} m={force}"
         # spot-check the fallback itself against the numpy reference
         assert_topk_equal(exp, ref_topk(score, seq_lens, bs, topk, force))
+
+
+@requires_cuda
+def test_native_vs_fallback_forced_init(cuda_device):
+    """Native op == PyTorch fallback with forced init blocks, every kernel configuration (register keys, the
+    global-memory path past NB 16384) and the radix-select fallback (adversarial data)."""
+    if not msa.has_native_ops():
+        pytest.skip("native ops not built (source-tree mode)")
+    fb = topk_mod.topk_from_scores_torch
+    for NB in (1, 7, 128, 129, 600, 2048, 5000, 16384, 20000):
+        H, B, bs = 4, 8, 64
+        for kind in ("ints", "randn", "adv", "adv_tied"):
+            if kind in ("ints", "randn"):
+                score, seq_lens = make_inputs(H, B, NB, bs, cuda_device, ints=kind == "ints")
+            else:
+                _, seq_lens = make_inputs(H, B, NB, bs, cuda_device, specials=False)
+                score = _adversarial(H, B, NB, cuda_device, kind.endswith("tied"))
+            for init, local in ((1, 0), (1, 2), (3, 1), (64, 0), (2, 70), (NB + 5, 1)):
+                for topk in (1, 5, 16, 64):
+                    kw = dict(force_local_blocks=local, force_init_blocks=init)
+                    out = msa.native_topk_from_scores(score, seq_lens, bs, topk, **kw)
+                    exp = fb(score, seq_lens, bs, topk, local, force_init_blocks=init)
+                    assert torch.equal(out, exp), f"NB={NB} k={topk} {kind} i={init} m={local}"
+    # spot-check the fallback against the plain statement
+    sc, sl = _forced_init_inputs(cuda_device, 40)
+    assert_topk_equal(fb(sc, sl, 8, 16, 2, force_init_blocks=3), ref_topk_forced(sc, sl, 8, 16, 3, 2))
+
+
+@requires_cuda
+def test_cuda_graph_replay_forced_init(cuda_device):
+    H, B, NB, bs, topk = 4, 8, 1024, 128, 16
+    score, seq_lens = make_inputs(H, B, NB, bs, cuda_device)
+    kw = dict(force_local_blocks=2, force_init_blocks=1)
+    msa.native_topk_from_scores(score, seq_lens, bs, topk, **kw)  # warm-up
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = msa.native_topk_from_scores(score, seq_lens, bs, topk, **kw)
+    for _ in range(3):
+        s2, l2 = make_inputs(H, B, NB, bs, cuda_device)
+        score.copy_(s2)
+        seq_lens.copy_(l2)
+        poison_like(out)
+        g.replay()
+        torch.cuda.synchronize()
+        assert_topk_equal(out, ref_topk_forced(score, seq_lens, bs, topk, 1, 2))
 
 
 @requires_cuda
@@ -389,7 +521,9 @@ def test_opcheck_native(cuda_device):
     score, seq_lens = make_inputs(4, 8, 300, 16, cuda_device)
     out = torch.empty(4, 8, 16, dtype=torch.int32, device=cuda_device)
     opcheck(ops.msa_topk_from_scores.default, (score, seq_lens, 16, 16, out))
-    opcheck(ops.msa_topk_from_scores_forced.default, (score, seq_lens, 16, 16, 1, out))
+    opcheck(ops.msa_topk_from_scores_forced.default, (score, seq_lens, 16, 16, 0, 1, out))
+    opcheck(ops.msa_topk_from_scores_forced.default, (score, seq_lens, 16, 16, 2, 1, out))
+    opcheck(ops.msa_topk_from_scores_forced.default, (score, seq_lens, 16, 16, 3, 0, out))
     # The C++ op's own validation (RuntimeError for topk=65 etc.) is checked by test_native_op_rejects_invalid_args.
 
 
@@ -422,8 +556,10 @@ cases = [
     ("topk=65", P, (s, sl, 16, 65, out), "topk must be in [1, 64]"),
     ("topk=0", P, (s, sl, 16, 0, out), "topk must be in [1, 64]"),
     ("block_size=0", P, (s, sl, 0, 16, out), "block_size must be >= 1"),
-    ("block_size<0", F, (s, sl, -4, 16, 1, out), "block_size must be >= 1"),
-    ("force<0", F, (s, sl, 16, 16, -1, out), "force_local_blocks must be >= 0"),
+    ("block_size<0", F, (s, sl, -4, 16, 0, 1, out), "block_size must be >= 1"),
+    ("force<0", F, (s, sl, 16, 16, 0, -1, out), "force_local_blocks must be >= 0"),
+    ("init<0", F, (s, sl, 16, 16, -1, 0, out), "force_init_blocks must be >= 0"),
+    ("forced topk=65", F, (s, sl, 16, 65, 1, 1, out), "topk must be in [1, 64]"),
     ("score fp64", P, (s.double(), sl, 16, 16, out), "score must be float32"),
     ("score 2-D", P, (s[0], sl, 16, 16, out), "score must be 3-D"),
     ("seq_lens int64", P, (s, sl.long(), 16, 16, out), "seq_lens must be int32"),
@@ -438,11 +574,11 @@ if mode == "cuda":
     cases += [
         ("packet call, topk=65", ops.msa_topk_from_scores, (s, sl, 16, 65, out), "topk must be in [1, 64]"),
         ("seq_lens on cpu", P, (s, sl.cpu(), 16, 16, out), "same device"),
-        ("out on cpu", F, (s, sl, 16, 16, 1, out.cpu()), "same device"),
+        ("out on cpu", F, (s, sl, 16, 16, 1, 1, out.cpu()), "same device"),
     ]
 else:
     cases += [("cpu tensors", P, (s, sl, 16, 16, out), "must be a CUDA tensor"),
-              ("cpu tensors (forced)", F, (s, sl, 16, 16, 1, out), "must be a CUDA tensor")]
+              ("cpu tensors (forced)", F, (s, sl, 16, 16, 1, 1, out), "must be a CUDA tensor")]
 for name, op, args, msg in cases:
     print("case", name, flush=True)
     try:

@@ -26,10 +26,12 @@ namespace {
 // any tensors, including CPU or meta tensors redispatched to the CUDA kernel. Host scalars first, then dtypes,
 // ranks and shapes, then devices.
 void check_topk_args(const char* op, const at::Tensor& score, const at::Tensor& seq_lens, int64_t block_size,
-                     int64_t topk, int64_t force_local_blocks, const at::Tensor& topk_idx) {
+                     int64_t topk, int64_t force_init_blocks, int64_t force_local_blocks,
+                     const at::Tensor& topk_idx) {
   constexpr int64_t kInt32Max = std::numeric_limits<int32_t>::max();
   TORCH_CHECK(topk >= 1 && topk <= kMsaTopkMaxK, op, ": topk must be in [1, ", kMsaTopkMaxK, "], got ", topk);
   TORCH_CHECK(block_size >= 1, op, ": block_size must be >= 1, got ", block_size);
+  TORCH_CHECK(force_init_blocks >= 0, op, ": force_init_blocks must be >= 0, got ", force_init_blocks);
   TORCH_CHECK(force_local_blocks >= 0, op, ": force_local_blocks must be >= 0, got ", force_local_blocks);
   TORCH_CHECK(score.defined() && seq_lens.defined() && topk_idx.defined(), op,
               ": score, seq_lens and topk_idx must be defined tensors");
@@ -57,8 +59,8 @@ void check_topk_args(const char* op, const at::Tensor& score, const at::Tensor& 
 }
 
 void topk_impl(const char* op, const at::Tensor& score, const at::Tensor& seq_lens, int64_t block_size,
-               int64_t topk, int64_t force_local_blocks, at::Tensor& topk_idx) {
-  check_topk_args(op, score, seq_lens, block_size, topk, force_local_blocks, topk_idx);
+               int64_t topk, int64_t force_init_blocks, int64_t force_local_blocks, at::Tensor& topk_idx) {
+  check_topk_args(op, score, seq_lens, block_size, topk, force_init_blocks, force_local_blocks, topk_idx);
   const int64_t H = score.size(0), B = score.size(1), NB = score.size(2);
   if (H * B == 0) return;
 
@@ -68,7 +70,7 @@ void topk_impl(const char* op, const at::Tensor& score, const at::Tensor& seq_le
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(score.device().index()).stream();
   const int err = msa_topk_from_scores_launch(s.data_ptr<float>(), sl.data_ptr<int32_t>(),
                                               topk_idx.data_ptr<int32_t>(), H, B, NB, block_size, topk,
-                                              force_local_blocks, static_cast<void*>(stream));
+                                              force_init_blocks, force_local_blocks, static_cast<void*>(stream));
   TORCH_CHECK(err == 0, op, ": CUDA launch failed: ", msa_topk_error_string(err));
 }
 
@@ -76,12 +78,14 @@ void topk_impl(const char* op, const at::Tensor& score, const at::Tensor& seq_le
 
 void msa_topk_from_scores(const at::Tensor& score, const at::Tensor& seq_lens, int64_t block_size, int64_t topk,
                           at::Tensor& topk_idx) {
-  topk_impl("msa_topk_from_scores", score, seq_lens, block_size, topk, 0, topk_idx);
+  topk_impl("msa_topk_from_scores", score, seq_lens, block_size, topk, 0, 0, topk_idx);
 }
 
 void msa_topk_from_scores_forced(const at::Tensor& score, const at::Tensor& seq_lens, int64_t block_size,
-                                 int64_t topk, int64_t force_local_blocks, at::Tensor& topk_idx) {
-  topk_impl("msa_topk_from_scores_forced", score, seq_lens, block_size, topk, force_local_blocks, topk_idx);
+                                 int64_t topk, int64_t force_init_blocks, int64_t force_local_blocks,
+                                 at::Tensor& topk_idx) {
+  topk_impl("msa_topk_from_scores_forced", score, seq_lens, block_size, topk, force_init_blocks,
+            force_local_blocks, topk_idx);
 }
 #endif  // CUDA_KERNEL
 
@@ -90,10 +94,11 @@ TORCH_LIBRARY_EXPAND(TORCH_EXTENSION_NAME, ops) {
   ops.def(
       "msa_topk_from_scores(Tensor score, Tensor seq_lens, int block_size, int topk, "
       "Tensor! topk_idx) -> ()");
-  // Extension: the last `force_local_blocks` valid blocks are always selected and ranked first (API.md §6.3).
+  // Extension (API.md §6.3): the first `force_init_blocks` and the last `force_local_blocks` valid blocks are
+  // always selected, ranked first (init ascending, then local ascending), then the rest by score.
   ops.def(
       "msa_topk_from_scores_forced(Tensor score, Tensor seq_lens, int block_size, int topk, "
-      "int force_local_blocks, Tensor! topk_idx) -> ()");
+      "int force_init_blocks, int force_local_blocks, Tensor! topk_idx) -> ()");
 #if defined(CUDA_KERNEL)
   ops.impl("msa_topk_from_scores", c10::DeviceType::CUDA, &msa_topk_from_scores);
   ops.impl("msa_topk_from_scores_forced", c10::DeviceType::CUDA, &msa_topk_from_scores_forced);

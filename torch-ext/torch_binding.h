@@ -13,7 +13,12 @@
 void msa_topk_from_scores(const at::Tensor& score, const at::Tensor& seq_lens, int64_t block_size, int64_t topk,
                           at::Tensor& topk_idx);
 
-// Same, with the last min(force_local_blocks, n) valid blocks always selected and ranked first in ascending id.
-// force_local_blocks >= 0.
+// msa_topk_from_scores_forced, schema
+//   msa_topk_from_scores_forced(Tensor score, Tensor seq_lens, int block_size, int topk, int force_init_blocks,
+//                               int force_local_blocks, Tensor! topk_idx) -> ()
+// Same, with forced blocks selected whatever their score and ranked first: the init blocks
+// j < min(force_init_blocks, n) that are not local, ascending id, then the last min(force_local_blocks, n) valid
+// blocks [n - m, n), ascending id; then the candidates by (score desc, id asc). force_*_blocks >= 0.
 void msa_topk_from_scores_forced(const at::Tensor& score, const at::Tensor& seq_lens, int64_t block_size,
-                                 int64_t topk, int64_t force_local_blocks, at::Tensor& topk_idx);
+                                 int64_t topk, int64_t force_init_blocks, int64_t force_local_blocks,
+                                 at::Tensor& topk_idx);

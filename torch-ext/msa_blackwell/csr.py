@@ -123,10 +123,55 @@ def _find_request(cu_ptr, t, B, niter):
 
 @triton.jit
 def _nblocks(lo, hi):
-    """``max(0, ceil((hi - lo) / 128))`` on int tensors (no negative-division pitfalls)."""
-    n = hi - lo
+    """``max(0, ceil((hi - lo) / 128))`` on int32 tensors (no negative-division pitfalls). The difference is
+    taken in int64 (``hi - lo`` of two int32 values can exceed the int32 range), the result fits int32."""
+    n = hi.to(tl.int64) - lo
     n = tl.where(n > 0, n, 0)
-    return (n + 127) // 128
+    return ((n + 127) // 128).to(tl.int32)
+
+
+@triton.jit
+def _request_window(cuq_ptr, b, B, niter):
+    """Rows of request ``b`` in ``[0, B]`` under the owner rule (``docs/POLICIES.md``), for any ``cu_seqlens_q``.
+
+    The owner of row ``t`` is ``_find_request(t)`` if ``cu[b] <= t < cu[b+1]`` (else none). The bisection's
+    answer is non-decreasing in ``t``, so walking its probe path toward ``b`` (the probe indices depend on
+    ``b`` only, not on ``t``) gives, with ``niter`` loads:
+
+    * ``ws``: the least ``t`` whose bisection answer is ``>= b`` (``-2^31`` for ``b = 0``): non-decreasing
+      in ``b``, so the windows ``[ws_b, ws_{b+1})`` partition the rows, and window ``b`` holds every row that
+      request ``b`` owns;
+    * ``[ol, oh)``: the rows ``b`` owns (``ol >= oh`` when none; always none for ``b = B``).
+
+    For non-decreasing ``cu`` this is ``ws = cu[b]`` (``b >= 1``) and ``[ol, oh) = [cu[b], cu[b+1])``.
+    ``b`` may be a scalar or a tensor; the results are int32 of its shape.
+    """
+    NEG: tl.constexpr = -2147483648
+    POS: tl.constexpr = 2147483647
+    lo = b * 0
+    hi = lo + B
+    maxr = lo + NEG  # max of cu[mid] over the probes where the path turns right (t >= cu[mid] needed)
+    hmin = lo + POS  # min of cu[mid] over the probes where it turns left (t < cu[mid] needed)
+    ws = lo + POS
+    for _ in range(niter):
+        act = lo < hi
+        mid = (lo + hi + 1) // 2
+        c = tl.load(cuq_ptr + mid, mask=act, other=0)
+        right = mid <= b
+        left = act & (~right)
+        # a row that goes right here (t >= c, after the right turns so far) ends at a request > b
+        ws = tl.where(left, tl.minimum(ws, tl.maximum(maxr, c)), ws)
+        maxr = tl.where(act & right, tl.maximum(maxr, c), maxr)
+        hmin = tl.where(left, tl.minimum(hmin, c), hmin)
+        lo = tl.where(act & right, mid, lo)
+        hi = tl.where(left, mid - 1, hi)
+    ws = tl.minimum(ws, maxr)
+    real = b < B
+    bc = tl.minimum(b, B - 1)
+    ol = tl.maximum(maxr, tl.load(cuq_ptr + bc))
+    oh = tl.minimum(hmin, tl.load(cuq_ptr + bc + 1))
+    oh = tl.where(real, oh, ol)
+    return ws, ol, oh
 
 
 @triton.jit
@@ -267,10 +312,25 @@ def _csr_scatter_kernel(q2k_ptr, s_g, s_t, s_s, cuq_ptr, cuk_ptr, cnt_ptr, rp_pt
 
 
 @triton.jit
-def _rowinfo_kernel(cuk_ptr, B, T, rb_ptr, rj_ptr, BJ: tl.constexpr):
-    """Row -> (b, j) for rows < T (arrays pre-filled with -1). Grid (B, cdiv(T, BJ))."""
+def _rowinfo_kernel(cuk_ptr, B, T, rb_ptr, rj_ptr, cuq_ptr, total_q, niter, info_ptr, BJ: tl.constexpr):
+    """Row -> (b, j) for rows < T (arrays pre-filled with -1). Grid (B, max(1, cdiv(T, BJ))).
+
+    Programs ``(b, 0)`` also write the query-row windows of ``_request_window`` for ``b`` (and ``B``, by
+    ``b = B - 1``), clamped into ``[0, total_q]``: ``info[0, b]`` window start, ``info[1:3, b]`` owned rows
+    ``[lo, hi)`` (``lo == hi`` when none); ``info`` is int32 ``[3, B + 1]``.
+    """
     b = tl.program_id(0)
     j0 = tl.program_id(1) * BJ
+    if tl.program_id(1) == 0:
+        bb = b + tl.arange(0, 2)
+        keep = (bb == b) | (bb == B)
+        ws, ol, oh = _request_window(cuq_ptr, bb, B, niter)
+        ws = tl.minimum(tl.maximum(ws, 0), total_q)
+        ol = tl.minimum(tl.maximum(ol, 0), total_q)
+        oh = tl.minimum(tl.maximum(oh, ol), total_q)
+        tl.store(info_ptr + bb, ws, mask=keep)
+        tl.store(info_ptr + (B + 1) + bb, ol, mask=keep)
+        tl.store(info_ptr + 2 * (B + 1) + bb, oh, mask=keep)
     rb = _nblocks(tl.load(cuk_ptr + b), tl.load(cuk_ptr + b + 1))
     if j0 < rb:
         j = j0 + tl.arange(0, BJ)
@@ -282,9 +342,14 @@ def _rowinfo_kernel(cuk_ptr, B, T, rb_ptr, rj_ptr, BJ: tl.constexpr):
 
 
 @triton.jit
-def _csr_invert_kernel(rp_ptr, s_rg, s_rr, qi_ptr, s_qg, s_qn, ncols, rb_ptr, rj_ptr, cuq_ptr, total_q, T,
-                       slots_ptr, nsplit, CAP: tl.constexpr, E: tl.constexpr):
-    """Insert block j of row r into the slot set of every token listed in the row. Grid (T, Hkv, nsplit)."""
+def _csr_invert_kernel(rp_ptr, s_rg, s_rr, qi_ptr, s_qg, s_qn, ncols, rb_ptr, rj_ptr, cuq_ptr, info_ptr, B, total_q,
+                       T, slots_ptr, nsplit, CAP: tl.constexpr, E: tl.constexpr):
+    """Insert block j of row r into the slot set of every token listed in the row. Grid (T, Hkv, nsplit).
+
+    Only tokens that request ``b`` owns (``info[1:3, b]``, see ``_rowinfo_kernel``) are inserted; for a
+    non-decreasing ``cu_seqlens_q`` that is every ``t = cu_q[b] + i`` with ``0 <= i < Lq_b`` and
+    ``0 <= t < total_q``.
+    """
     r = tl.program_id(0)
     g = tl.program_id(1)
     sp = tl.program_id(2)
@@ -297,7 +362,8 @@ def _csr_invert_kernel(rp_ptr, s_rg, s_rr, qi_ptr, s_qg, s_qn, ncols, rb_ptr, rj
         p0 = tl.minimum(tl.maximum(p0, 0), ncols)
         p1 = tl.minimum(tl.maximum(p1, 0), ncols)
         qs = tl.load(cuq_ptr + b)
-        lq = tl.load(cuq_ptr + b + 1) - qs
+        own_lo = tl.load(info_ptr + (B + 1) + b)
+        own_hi = tl.load(info_ptr + 2 * (B + 1) + b)
         jv = tl.zeros([E], tl.int32) + j
         neg1 = tl.full([E], -1, tl.int32)
         neg2 = tl.full([E], -2, tl.int32)
@@ -305,8 +371,8 @@ def _csr_invert_kernel(rp_ptr, s_rg, s_rr, qi_ptr, s_qg, s_qn, ncols, rb_ptr, rj
             n = n0 + tl.arange(0, E)
             m = n < p1
             i = tl.load(qi_ptr + g.to(tl.int64) * s_qg + n.to(tl.int64) * s_qn, mask=m, other=-1)
-            t = qs + i
-            act = m & (i >= 0) & (i < lq) & (t >= 0) & (t < total_q)
+            t = qs + i  # int32: a wrapped sum is negative, so it fails t >= own_lo >= 0
+            act = m & (i >= 0) & (t >= own_lo) & (t < own_hi)
             base = slots_ptr + (g.to(tl.int64) * total_q + tl.where(act, t, 0)) * CAP
             k = p0 * 0
             while (tl.max(act.to(tl.int32), axis=0) > 0) & (k < CAP):
@@ -373,6 +439,20 @@ def _build_triton(q2k, cu_q, cu_k, total_rows: int, max_kvb: int):
     return row_ptr, q_idx
 
 
+def _find_request_torch(cuq: torch.Tensor, t: torch.Tensor, batch: int) -> torch.Tensor:
+    """``_find_request`` step for step (same probes, same answer for every ``cu_seqlens_q``, monotone or not;
+    ``torch.searchsorted`` is only defined for sorted input)."""
+    lo = torch.zeros_like(t)
+    hi = torch.full_like(t, batch)
+    for _ in range(_niter(batch)):
+        act = lo < hi
+        mid = (lo + hi + 1) // 2
+        ok = cuq[mid] <= t
+        lo = torch.where(act & ok, mid, lo)
+        hi = torch.where(act & ~ok, mid - 1, hi)
+    return lo
+
+
 def _build_torch(q2k, cu_q, cu_k, total_rows: int, max_kvb: int):
     """Pure-PyTorch path (CPU; reads the lengths on the host). Same output as the Triton path."""
     hkv, total_q, topk = q2k.shape
@@ -397,7 +477,7 @@ def _build_torch(q2k, cu_q, cu_k, total_rows: int, max_kvb: int):
     else:
         rowmap = torch.zeros((batch, 1), dtype=torch.int64, device=dev)
     t = torch.arange(total_q, device=dev)
-    b = torch.searchsorted(cuq[1:].contiguous(), t, right=True)
+    b = _find_request_torch(cuq, t, batch)
     bc = b.clamp(max=batch - 1)
     tok_ok = (b < batch) & (cuq[bc] <= t) & (t < cuq[bc + 1])
     i = t - cuq[bc]
@@ -534,34 +614,42 @@ def slot_capacity(topk: int) -> int:
 def invert_csr_slots(row_ptr, q_idx, cu_q, cu_k, total_q: int, cap: int):
     """Device-side CSR -> slot sets ``int32 [Hkv, total_q, cap]`` (-1 = empty; unordered, deduplicated).
 
-    Row map from ``cu_k`` (level-major, 128-token blocks); ``T = row_ptr.shape[1] - 1``.
+    Row map from ``cu_k`` (level-major, 128-token blocks); ``T = row_ptr.shape[1] - 1``. Returns
+    ``(slots, info)``: ``info`` int32 ``[3, B + 1]`` holds the query-row windows and owned rows of every
+    request (``_rowinfo_kernel``; ``None`` when ``B == 0`` or ``total_q == 0``). Only owned tokens get slots.
     """
     hkv = row_ptr.shape[0]
     T = row_ptr.shape[1] - 1
     batch = cu_q.shape[0] - 1
     dev = row_ptr.device
     slots = torch.full((hkv, total_q, cap), -1, dtype=torch.int32, device=dev)
-    if hkv == 0 or total_q == 0 or batch == 0 or T == 0 or q_idx.shape[1] == 0:
-        return slots
+    if total_q == 0 or batch == 0:
+        return slots, None
     cu_q = cu_q.contiguous()
     cu_k = cu_k.contiguous()
-    rinfo = torch.full((2, T), -1, dtype=torch.int32, device=dev)
+    # one allocation, one fill: rinfo rows (b, j) per CSR row (-1 = none), then info [3, B + 1] (written whole)
+    buf = torch.full((2 * T + 3 * (batch + 1),), -1, dtype=torch.int32, device=dev)
+    rb, rj, info = buf[:T], buf[T:2 * T], buf[2 * T:]
     BJ = 64
-    _rowinfo_kernel[(batch, triton.cdiv(T, BJ))](cu_k, batch, T, rinfo[0], rinfo[1], BJ=BJ, num_warps=2)
+    _rowinfo_kernel[(batch, max(1, triton.cdiv(T, BJ)))](cu_k, batch, T, rb, rj, cu_q, total_q, _niter(batch), info,
+                                                          BJ=BJ, num_warps=2)
+    info = info.view(3, batch + 1)
+    if hkv == 0 or T == 0 or q_idx.shape[1] == 0:
+        return slots, info
     ncols = q_idx.shape[1]
     E = 256
     # split long rows over several programs (hot rows such as block 0 hold ~total_q entries)
     nsplit = max(1, min(16, triton.cdiv(ncols, max(T, 1) * E)))
     _csr_invert_kernel[(T, hkv, nsplit)](row_ptr, row_ptr.stride(0), row_ptr.stride(1), q_idx, q_idx.stride(0),
-                                         q_idx.stride(1), ncols, rinfo[0], rinfo[1], cu_q, total_q, T, slots, nsplit,
-                                         CAP=cap, E=E, num_warps=4)
-    return slots
+                                         q_idx.stride(1), ncols, rb, rj, cu_q, info, batch, total_q, T, slots,
+                                         nsplit, CAP=cap, E=E, num_warps=4)
+    return slots, info
 
 
 @torch.library.custom_op(add_op_namespace_prefix("k2q_to_q2k"), mutates_args=())
 def _k2q_to_q2k_op(row_ptr: torch.Tensor, q_idx: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Tensor,
                    total_q: int, capacity: int) -> torch.Tensor:
-    slots = invert_csr_slots(row_ptr, q_idx, cu_q, cu_k, total_q, slot_capacity(capacity))
+    slots = invert_csr_slots(row_ptr, q_idx, cu_q, cu_k, total_q, slot_capacity(capacity))[0]
     big = torch.iinfo(torch.int32).max
     s = torch.sort(torch.where(slots < 0, torch.full_like(slots, big), slots), dim=2).values[:, :, :capacity]
     return torch.where(s == big, torch.full_like(s, -1), s).contiguous()
@@ -628,11 +716,12 @@ def aot_configs(arch: int, full: bool = False):
     for br in (p2[:11] if full else (1, 1024)):
         out.append(AotConfig(_csr_rowptr_kernel, dict(tot_ptr="*i32", rp_ptr="*i32", T="i32", BR=br), 4, 3,
                              f"rowptr BR{br}"))
-    out.append(AotConfig(_rowinfo_kernel, dict(cuk_ptr="*i32", B="i32", T="i32", rb_ptr="*i32", rj_ptr="*i32", BJ=64),
+    out.append(AotConfig(_rowinfo_kernel, dict(cuk_ptr="*i32", B="i32", T="i32", rb_ptr="*i32", rj_ptr="*i32",
+                                               cuq_ptr="*i32", total_q="i32", niter="i32", info_ptr="*i32", BJ=64),
                          2, 3, "rowinfo BJ64"))
     for cap in (sorted({slot_capacity(t) for t in range(1, 65)}) if full else (2, 128)):
         out.append(AotConfig(_csr_invert_kernel, dict(rp_ptr="*i32", s_rg="i32:D", s_rr=1, qi_ptr="*i32", s_qg="i32:D",
                                                       s_qn=1, ncols="i32", rb_ptr="*i32", rj_ptr="*i32", cuq_ptr="*i32",
-                                                      total_q="i32", T="i32", slots_ptr="*i32", nsplit="i32", CAP=cap,
+                                                      info_ptr="*i32", B="i32", total_q="i32", T="i32", slots_ptr="*i32", nsplit="i32", CAP=cap,
                                                       E=256), 4, 3, f"invert CAP{cap} E256"))
     return dedupe(out)

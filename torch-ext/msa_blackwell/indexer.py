@@ -23,6 +23,7 @@ import triton.language as tl
 from ._registry import add_op_namespace_prefix
 from ._validate import check_devices, check_host_int, check_tensor, interpreter_active
 from .nvfp4 import _e2m1_code_to_f32, _e4m3_code_to_f32
+from .topk import _topk_from_scores_unchecked
 
 __all__ = ["fp4_indexer_block_scores", "flash_decode_with_topk_idx", "naive_flash_decode_with_topk_idx"]
 
@@ -428,72 +429,75 @@ def decode_score_plan(cfg, D: int, block_size: int, NB: int, n_rows: int, sms: i
     return TN, tpp, -(-n_tiles // tpp)
 
 
-@torch.library.custom_op(add_op_namespace_prefix("decode_block_scores"), mutates_args=())
-def _decode_block_scores_op(q: torch.Tensor, k_cache: torch.Tensor, req_to_token: torch.Tensor,
-                            seq_lens: torch.Tensor, slot_ids: torch.Tensor, NB: int, block_size: int,
-                            sm_scale: float, lse: bool) -> torch.Tensor:
-    """q [B, Hq, D], k_cache [max_slots, Hkv, D] -> fp32 block scores [Hq, B, NB].
+# Launch plans of the score kernel, keyed by everything they are derived from (device, shapes, strides, NB,
+# block size, lse): (cfg, major, out shape, mode, grid, int args, constexpr kwargs). ``cfg`` is the
+# DECODE_SCORE_CONFIGS entry the plan was made from; a plan is used only while that entry is still the one in the
+# table (tests and tuning swap entries). Bounded: cleared when it reaches _PLAN_CACHE_MAX entries.
+_PLAN_CACHE = {}
+_PLAN_CACHE_MAX = 4096
+_MODE_EMPTY, _MODE_NEG, _MODE_LAUNCH = 0, 1, 2
 
-    Grid: one program per (request, KV head, chunk of tiles); host ints only (CUDA-graph safe).
-    """
-    B, Hq, D = (int(s) for s in q.shape)
-    out = torch.empty(Hq, B, NB, dtype=torch.float32, device=q.device)
-    if B == 0 or NB == 0 or Hq == 0:
-        return out
-    Hkv = int(k_cache.shape[1])
-    max_slots = int(k_cache.shape[0])
-    n_req_rows = int(req_to_token.shape[0])
-    if max_slots == 0 or n_req_rows == 0 or int(req_to_token.shape[1]) == 0:
-        return out.fill_(float("-inf"))  # no key can be read: every block is empty
-    if q.device.type == "cpu" and q.dtype == torch.bfloat16:
-        q = q.float()
-    kc = k_cache
-    if kc.device.type == "cpu" and kc.dtype in (torch.bfloat16, torch.float8_e4m3fn):
-        kc = kc.float()
+
+def _decode_scores_make_plan(q, kc, req_to_token, seq_lens, slot_ids, NB, block_size, lse):
+    B, Hq, D = q.shape
+    out_shape = (Hq, B, NB)
     major, sms = _device_info(q.device.type, q.device.index)
     cfg = decode_score_config(major)
+    if B == 0 or NB == 0 or Hq == 0:
+        return cfg, major, out_shape, _MODE_EMPTY, None, None, None
+    Hkv, max_slots = kc.shape[1], kc.shape[0]
+    n_req_rows, width = req_to_token.shape
+    if max_slots == 0 or n_req_rows == 0 or width == 0:
+        return cfg, major, out_shape, _MODE_NEG, None, None, None  # no key can be read: every block is empty
     TN, tpp, n_chunks = decode_score_plan(cfg, D, block_size, NB, B * Hkv, sms)
     G = Hq // Hkv
     GP = max(16, triton.next_power_of_2(G))
     grid = (n_chunks * B * Hkv,)
-    _decode_block_scores_kernel[grid](
-        q, kc, req_to_token, seq_lens, slot_ids, out, *q.stride(), *kc.stride(), *req_to_token.stride(),
-        seq_lens.stride(0), slot_ids.stride(0), int(req_to_token.shape[1]), n_req_rows, max_slots, G, Hkv, B, NB,
-        n_chunks, tpp, float(sm_scale),
-        D=D, BS=block_size, TN=TN, GP=GP, LSE=lse, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    args = (*q.stride(), *kc.stride(), *req_to_token.stride(), seq_lens.stride(0), slot_ids.stride(0), width,
+            n_req_rows, max_slots, G, Hkv, B, NB, n_chunks, tpp)
+    kw = dict(D=D, BS=block_size, TN=TN, GP=GP, LSE=lse, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    return cfg, major, out_shape, _MODE_LAUNCH, grid, args, kw
+
+
+def _decode_block_scores_impl(q: torch.Tensor, k_cache: torch.Tensor, req_to_token: torch.Tensor,
+                              seq_lens: torch.Tensor, slot_ids: torch.Tensor, NB: int, block_size: int,
+                              sm_scale: float, lse: bool) -> torch.Tensor:
+    """q [B, Hq, D], k_cache [max_slots, Hkv, D] -> fp32 block scores [Hq, B, NB].
+
+    Grid: one program per (request, KV head, chunk of tiles); host ints only (CUDA-graph safe). The launch plan
+    is cached (``_PLAN_CACHE``), so a repeated call costs a dict look-up, the output allocation and the launch.
+    """
+    if not q.is_cuda:  # CPU (Triton interpreter): widen the dtypes it cannot compute in
+        if q.dtype == torch.bfloat16:
+            q = q.float()
+        if k_cache.dtype in (torch.bfloat16, torch.float8_e4m3fn):
+            k_cache = k_cache.float()
+    key = (q.device, q.shape, q.stride(), k_cache.shape, k_cache.stride(), req_to_token.shape,
+           req_to_token.stride(), seq_lens.stride(), slot_ids.stride(), NB, block_size, lse)
+    plan = _PLAN_CACHE.get(key)
+    if plan is None or plan[0] is not decode_score_config(plan[1]):
+        plan = _decode_scores_make_plan(q, k_cache, req_to_token, seq_lens, slot_ids, NB, block_size, lse)
+        if len(_PLAN_CACHE) >= _PLAN_CACHE_MAX:
+            _PLAN_CACHE.clear()
+        _PLAN_CACHE[key] = plan
+    _, _, out_shape, mode, grid, args, kw = plan
+    out = torch.empty(out_shape, dtype=torch.float32, device=q.device)
+    if mode == _MODE_LAUNCH:
+        _decode_block_scores_kernel[grid](q, k_cache, req_to_token, seq_lens, slot_ids, out, *args, sm_scale, **kw)
+    elif mode == _MODE_NEG:
+        out.fill_(float("-inf"))
     return out
+
+
+# The registered op (torch.compile, opcheck, peers) runs the same implementation; eager calls of
+# flash_decode_with_topk_idx call _decode_block_scores_impl directly (no dispatcher round trip).
+_decode_block_scores_op = torch.library.custom_op(add_op_namespace_prefix("decode_block_scores"),
+                                                  _decode_block_scores_impl, mutates_args=())
 
 
 @_decode_block_scores_op.register_fake
 def _(q, k_cache, req_to_token, seq_lens, slot_ids, NB, block_size, sm_scale, lse):
     return q.new_empty((q.shape[1], q.shape[0], NB), dtype=torch.float32)
-
-
-def _select_blocks_torch(scores, L, block_size, topk, init_blocks, local_blocks):
-    """Exact §11.2 ordering on device (no host sync): init asc, local asc, rest by score desc / id asc."""
-    H, B, NB = scores.shape
-    dev = scores.device
-    j = torch.arange(NB, device=dev).view(1, NB)
-    nb = torch.clamp((L.to(torch.int64) + block_size - 1) // block_size, max=NB).view(B, 1)
-    in_range = j < nb
-    local = in_range & (j >= nb - local_blocks)
-    init = in_range & (j < init_blocks) & ~local
-    sc = torch.where(torch.isnan(scores), torch.full_like(scores, float("-inf")), scores)
-    cand = in_range.unsqueeze(0) & (sc > float("-inf"))
-    cls = torch.full((H, B, NB), 3, dtype=torch.int64, device=dev)
-    cls = torch.where(cand, torch.full_like(cls, 2), cls)
-    cls = torch.where(local.unsqueeze(0), torch.ones_like(cls), cls)
-    cls = torch.where(init.unsqueeze(0), torch.zeros_like(cls), cls)
-    sec = torch.where(cls < 2, torch.full_like(sc, float("-inf")), -sc)
-    o1 = torch.sort(sec, dim=-1, stable=True).indices
-    o2 = torch.sort(torch.gather(cls, -1, o1), dim=-1, stable=True).indices
-    order = torch.gather(o1, -1, o2)
-    cls_sorted = torch.gather(cls, -1, order)
-    idx = torch.where(cls_sorted < 3, order, torch.full_like(order, -1)).to(torch.int32)
-    if NB >= topk:
-        return idx[..., :topk].contiguous()
-    pad = torch.full((H, B, topk - NB), -1, dtype=torch.int32, device=dev)
-    return torch.cat([idx, pad], dim=-1)
 
 
 def _validate_decode_indexer(q, sink, k_cache, v_cache, req_to_token, seq_lens, slot_ids, block_size, topk,
@@ -542,6 +546,41 @@ def _validate_decode_indexer(q, sink, k_cache, v_cache, req_to_token, seq_lens, 
                    ("req_to_token", req_to_token), ("seq_lens", seq_lens), ("slot_ids", slot_ids)])
 
 
+_Q_DTYPES = (torch.bfloat16, torch.float16)
+_BLOCK_SIZES = frozenset((16, 32, 64, 128, 256, 512))
+_HEAD_DIMS = frozenset((64, 128, 256))
+_INT32_MAX = 2**31 - 1
+
+
+def _decode_indexer_fast_ok(q, sink, k_cache, v_cache, req_to_token, seq_lens, max_seqlen, slot_ids, block_size,
+                            topk, init_blocks, local_blocks, score_type, disable_index_value):
+    """Cheap check of the common eager call (no value path, no sink). True only for arguments that
+    ``_validate_decode_indexer`` accepts; anything else (False) goes through the full validation."""
+    T = torch.Tensor
+    if not (type(block_size) is int and type(topk) is int and type(init_blocks) is int
+            and type(local_blocks) is int and type(max_seqlen) is int and block_size in _BLOCK_SIZES
+            and 1 <= topk <= 64 and init_blocks >= 0 and local_blocks >= 0
+            and (score_type == "max" or score_type == "lse") and sink is None and v_cache is None
+            and disable_index_value is True
+            and isinstance(q, T) and isinstance(k_cache, T) and isinstance(req_to_token, T)
+            and isinstance(seq_lens, T) and isinstance(slot_ids, T)):
+        return False
+    qd, kd = q.dtype, k_cache.dtype
+    if not ((qd is torch.bfloat16 or qd is torch.float16)
+            and (kd is qd or (kd is torch.float8_e4m3fn and qd is torch.bfloat16))
+            and q.ndim == 3 and k_cache.ndim == 3 and req_to_token.ndim == 2 and seq_lens.ndim == 1
+            and slot_ids.ndim == 1 and req_to_token.dtype in _IDX_INT and seq_lens.dtype in _IDX_INT
+            and slot_ids.dtype in _IDX_INT):
+        return False
+    B, Hq, D = q.shape
+    Hkv = k_cache.shape[1]
+    dev = q.device
+    return (D in _HEAD_DIMS and k_cache.shape[2] == D and Hkv > 0 and Hq % Hkv == 0
+            and seq_lens.shape[0] == B and slot_ids.shape[0] == B
+            and k_cache.device == dev and req_to_token.device == dev and seq_lens.device == dev
+            and slot_ids.device == dev and (q.is_cuda or (dev.type == "cpu" and interpreter_active())))
+
+
 def flash_decode_with_topk_idx(q, sink, k_cache, v_cache, req_to_token, seq_lens, max_seqlen, slot_ids,
                                block_size, topk, init_blocks, local_blocks, sm_scale=None, use_tma=True,
                                score_type="max", disable_index_value=False, use_dense_main_attn=False, page_size=1):
@@ -550,31 +589,43 @@ def flash_decode_with_topk_idx(q, sink, k_cache, v_cache, req_to_token, seq_lens
     q [B, Hq, D]; k_cache/v_cache [max_slots, Hkv, D]; req_to_token [max_reqs, width]; seq_lens, slot_ids [B].
     Returns ``(o [B, Hq, D] or None, topk_idx int32 [Hq, B, topk], None)``; ``o`` is the dense attention
     over all ``x < L_b`` (with ``sink``) unless ``disable_index_value``.
+
+    Selection (§11.2, ``n = min(ceil(clamp(L_b, 0, width) / block_size), NB)``,
+    ``NB = ceil(min(max_seqlen, width) / block_size)``): the init blocks ``j < min(init_blocks, n)`` that are not
+    local (ascending), the local blocks ``[n - local_blocks, n)`` (ascending), then the other blocks with a
+    finite or +inf score by (score desc, id asc); -1 padding. Two launches on a GPU: the score kernel and the
+    native top-k (``native_topk_from_scores`` with ``force_init_blocks`` / ``force_local_blocks``).
     """
-    from .errors import MsaUnsupportedError
     if use_dense_main_attn:
+        from .errors import MsaUnsupportedError
         raise MsaUnsupportedError("use_dense_main_attn=True is not supported")
-    _validate_decode_indexer(q, sink, k_cache, v_cache, req_to_token, seq_lens, slot_ids, block_size, topk,
-                             init_blocks, local_blocks, score_type, disable_index_value)
-    if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int):
-        raise ValueError(f"max_seqlen must be a host int, got {type(max_seqlen).__name__}")
-    D = int(q.shape[2])
+    if not _decode_indexer_fast_ok(q, sink, k_cache, v_cache, req_to_token, seq_lens, max_seqlen, slot_ids,
+                                   block_size, topk, init_blocks, local_blocks, score_type, disable_index_value):
+        _validate_decode_indexer(q, sink, k_cache, v_cache, req_to_token, seq_lens, slot_ids, block_size, topk,
+                                 init_blocks, local_blocks, score_type, disable_index_value)
+        if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int):
+            raise ValueError(f"max_seqlen must be a host int, got {type(max_seqlen).__name__}")
+    D = q.shape[2]
     scale = float(D) ** -0.5 if sm_scale is None else float(sm_scale)
-    width = int(req_to_token.shape[1])
+    width = req_to_token.shape[1]
     NB = (max(0, min(max_seqlen, width)) + block_size - 1) // block_size
-    scores = _decode_block_scores_op(q, k_cache, req_to_token, seq_lens, slot_ids, NB, block_size, scale,
-                                     score_type == "lse")
-    L = seq_lens.clamp(0, width)
-    if init_blocks == 0:
-        from .topk import native_topk_from_scores
-        topk_idx = native_topk_from_scores(scores, L.to(torch.int32), block_size, topk,
-                                           force_local_blocks=local_blocks)
+    lse = score_type == "lse"
+    if type(q) is torch.Tensor and not torch.compiler.is_compiling():
+        scores = _decode_block_scores_impl(q, k_cache, req_to_token, seq_lens, slot_ids, NB, block_size, scale,
+                                           lse)  # eager: no dispatcher round trip
     else:
-        topk_idx = _select_blocks_torch(scores, L, block_size, topk, init_blocks, local_blocks)
+        scores = _decode_block_scores_op(q, k_cache, req_to_token, seq_lens, slot_ids, NB, block_size, scale, lse)
+    # The top-k clamps n to NB = ceil(min(max_seqlen, width) / block_size) <= ceil(width / block_size) and takes
+    # negative lengths as 0, so int32 lengths go in as they are (same selection as clamping them to [0, width]).
+    if seq_lens.dtype is not torch.int32:
+        seq_lens32 = seq_lens.clamp(0, min(width, _INT32_MAX)).to(torch.int32)
+    else:
+        seq_lens32 = seq_lens
+    topk_idx = _topk_from_scores_unchecked(scores, seq_lens32, block_size, topk, local_blocks, init_blocks)
     o = None
     if not disable_index_value:
         B, Hq, _ = q.shape
-        Hkv = int(k_cache.shape[1])
+        Hkv = k_cache.shape[1]
         if NB == 0:
             o = torch.zeros_like(q)
         else:
