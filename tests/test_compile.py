@@ -290,8 +290,11 @@ def _case_topk(force):
             pytest.skip("native ops not built (source-tree mode)")
         score, seq_lens = topk_inputs(3, 6, 300, 16, device)  # ties, -inf / NaN / +inf, lengths 0, < 0, too long
         out = torch.empty(3, 6, 16, dtype=torch.int32, device=device)
-        args = (score, seq_lens, 16, 16, out) if force is None else (score, seq_lens, 16, 16, force, out)
-        return [("native", args, None)]
+        if force is None:
+            return [("native", (score, seq_lens, 16, 16, out), None)]
+        # forced op: (force_init_blocks, force_local_blocks)
+        return [("native_local", (score, seq_lens, 16, 16, 0, force, out), None),
+                ("native_init_local", (score, seq_lens, 16, 16, 3, force, out), None)]
     return build
 
 
@@ -550,7 +553,7 @@ def test_compile_flash_decode_with_topk_idx(device, dt):
         return msa.flash_decode_with_topk_idx(q_idx, None, k_idx, None, r2t, sl, 112, sid, 16, 4, 0, 1,
                                               disable_index_value=True)
 
-    def forced_init(q, kc, vc, r2t, sl, sid):  # init blocks -> the PyTorch selection; dense o
+    def forced_init(q, kc, vc, r2t, sl, sid):  # init + local blocks -> the native top-k too; dense o
         return msa.flash_decode_with_topk_idx(q, None, kc, vc, r2t, sl, 112, sid, 16, 4, 1, 2, sm_scale=0.1,
                                               score_type="lse")
 
@@ -561,7 +564,7 @@ def test_compile_flash_decode_with_topk_idx(device, dt):
 
     compiled_equals_eager(device, m3, q_idx, k_idx, r2t, sl, sid, ops=("decode_block_scores",) + _topk_ops(1))
     compiled_equals_eager(device, forced_init, q, kc, vc, r2t, sl, sid,
-                          ops=("decode_block_scores", "sparse_decode_fwd"))
+                          ops=("decode_block_scores", "sparse_decode_fwd") + _topk_ops(1))
     compiled_equals_eager(device, select_then_attend, q_idx, k_idx, q, kc, vc, r2t, sl, sid,
                           ops=("decode_block_scores", "sparse_decode_fwd") + _topk_ops(1))
 
