@@ -230,6 +230,160 @@ def test_k2q_to_q2k_roundtrip(device):
                 assert ids == torch.nonzero(want[g, i]).flatten().tolist()
 
 
+# ------------------------------------------------------------------------------------------------
+# Odd cu_seqlens (docs/POLICIES.md "Query rows and cu_seqlens_q"): one answer on every path
+# ------------------------------------------------------------------------------------------------
+
+I32_MIN, I32_MAX = -2**31, 2**31 - 1
+
+
+def owner_ref(cu_q, t):
+    """The owner rule of docs/POLICIES.md in plain Python: the request a binary search finds for ``t`` (probe
+    ``mid = (lo + hi + 1) // 2`` over ``[0, B]``, go right iff ``cu_q[mid] <= t``), if its range holds ``t``."""
+    B = len(cu_q) - 1
+    lo, hi = 0, B
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if cu_q[mid] <= t:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo if lo < B and cu_q[lo] <= t < cu_q[lo + 1] else None
+
+
+def _wrap32(x):
+    return (x + 2**31) % 2**32 - 2**31
+
+
+def build_k2q_csr_owner_ref(q2k, cu_q, cu_k, total_rows, max_kv_blocks):
+    """API.md 5.3 steps 1-7 with token ownership by ``owner_ref`` (any cu_seqlens, exact Python integers; the
+    level-major row is the closed form ``sum_b' min(R_b', j) + #{b' < b : R_b' > j}``). For non-decreasing
+    cu_seqlens_q this is ``reference.build_k2q_csr_ref``."""
+    hkv, total_q, topk = q2k.shape
+    ids = q2k.tolist()
+    B = len(cu_q) - 1
+    R = [max(0, -(-(cu_k[b + 1] - cu_k[b]) // 128)) for b in range(B)]
+    rps, qis = [], []
+    for g in range(hkv):
+        pairs = []
+        for t in range(total_q):
+            b = owner_ref(cu_q, t)
+            if b is None:
+                continue
+            for j in ids[g][t]:
+                if j < 0 or j >= R[b] or j >= max_kv_blocks:
+                    continue
+                row = sum(min(r, j) for r in R) + sum(1 for bp in range(b) if R[bp] > j)
+                if row < total_rows:
+                    pairs.append((row, _wrap32(t - cu_q[b])))
+        pairs.sort(key=lambda p: p[0])  # stable: (row, t) order; i = t - cu_q[b] is increasing in t within a row
+        rp = [0] * (total_rows + 1)
+        for r, _ in pairs:
+            rp[r + 1] += 1
+        for x in range(total_rows):
+            rp[x + 1] += rp[x]
+        rps.append(rp)
+        qis.append([i for _, i in pairs] + [-1] * (total_q * topk - len(pairs)))
+    return (torch.tensor(rps, dtype=torch.int32).view(hkv, total_rows + 1),
+            torch.tensor(qis, dtype=torch.int32).view(hkv, total_q * topk))
+
+
+ODD_CU = [
+    # (cu_seqlens_q, cu_seqlens_k, total_q)
+    ([3, 7], [0, 300], 10),                          # rows before cu_q[0] and after cu_q[-1]
+    ([0, 4, 4, 9], [0, 130, 130, 700], 12),          # empty request, rows after the end
+    ([0, 8, 4, 10], [0, 100, 400, 700], 10),         # decreasing step: overlapping ranges
+    ([0, 6, 2, 10], [0, 300, 200, 700], 10),         # decreasing step inside
+    ([5, 2, 9], [0, 256, 700], 9),                   # negative first length
+    ([-3, 4, 10], [0, 300, 700], 8),                 # negative start
+    ([0, 20, 25], [0, 200, 700], 9),                 # cu_q beyond total_q
+    ([7, 1, 3, 12, 2, 9], [0, 129, 300, 700, 512, 900], 12),
+    ([I32_MIN, 5, I32_MAX], [0, 300, 900], 10),      # int32 extremes (lengths overflow int32)
+    ([0, 6, 10], [I32_MIN, 0, I32_MAX], 10),         # int32 extremes in cu_k
+    ([2, 9], [500, 100], 10),                        # negative KV length
+]
+
+
+@pytest.mark.kernels_ci
+@pytest.mark.parametrize("cuq,cuk,total_q", ODD_CU)
+def test_csr_odd_cu_seqlens_paths_agree(cuq, cuk, total_q):
+    """Non-monotone / out-of-range / extreme cu_seqlens: the PyTorch path, the Triton path and the owner-rule
+    reference give the same CSR (they used to disagree: torch.searchsorted on unsorted input)."""
+    hkv, topk = 2, 3
+    q2k = torch.randint(-1, 7, (hkv, total_q, topk), dtype=torch.int32)
+    cu_q = torch.tensor(cuq, dtype=torch.int32)
+    cu_k = torch.tensor(cuk, dtype=torch.int32)
+    for total_k, max_seqlen_k in ((900, None), (900, 300), (10**6, 2**40)):
+        T = csr_mod.default_total_rows(total_k, len(cuq) - 1)
+        mkb = csr_mod.max_kv_blocks_bound(max_seqlen_k, total_k)
+        want = build_k2q_csr_owner_ref(q2k, cuq, cuk, T, mkb)
+        for path in ("torch", "triton"):
+            rp, qi = build_on_path(path, q2k, cu_q, cu_k, total_k=total_k, max_seqlen_k=max_seqlen_k)
+            assert torch.equal(rp.cpu(), want[0]), f"{path}: row_ptr differs ({cuq}, {cuk})"
+            assert torch.equal(qi.cpu(), want[1]), f"{path}: q_indices differ ({cuq}, {cuk})"
+
+
+@pytest.mark.kernels_ci
+def test_csr_owner_ref_is_the_spec_reference_for_monotone_cu():
+    """Sanity of the owner-rule reference: for non-decreasing cu_seqlens it is reference.build_k2q_csr_ref."""
+    for lq, lk in (([5, 0, 7], [300, 100, 0]), ([9], [400]), ([1, 2, 3, 4], [129, 0, 256, 1])):
+        q2k, cu_q, cu_k = make_case(lq, lk, 2, 3, extra_tokens=2)
+        T = csr_mod.default_total_rows(int(cu_k[-1]), len(lq))
+        want = build_k2q_csr_ref(q2k, cu_q.tolist(), cu_k.tolist(), T, 10)
+        got = build_k2q_csr_owner_ref(q2k, cu_q.tolist(), cu_k.tolist(), T, 10)
+        assert torch.equal(want[0], got[0]) and torch.equal(want[1], got[1])
+
+
+@pytest.mark.kernels_ci
+def test_csr_random_odd_cu_seqlens_paths_agree():
+    """Random cu_seqlens (any order, values around [0, total_q] and int32 extremes): both paths agree."""
+    pool = [I32_MIN, I32_MIN + 1, -1000, -1, I32_MAX, I32_MAX - 1, 2**30]
+    for _ in range(12):
+        B = int(torch.randint(1, 6, ()))
+        total_q = int(torch.randint(1, 14, ()))
+
+        def draw(hi):
+            return [pool[int(torch.randint(0, len(pool), ()))] if float(torch.rand(())) < 0.2
+                    else int(torch.randint(-3, hi, ())) for _ in range(B + 1)]
+
+        cuq, cuk = draw(total_q + 4), draw(1000)
+        q2k = torch.randint(-2, 9, (2, total_q, 3), dtype=torch.int32)
+        outs = [build_on_path(p, q2k, torch.tensor(cuq, dtype=torch.int32), torch.tensor(cuk, dtype=torch.int32),
+                              total_k=1000) for p in ("torch", "triton")]
+        assert torch.equal(outs[0][0].cpu(), outs[1][0].cpu()), (cuq, cuk)
+        assert torch.equal(outs[0][1].cpu(), outs[1][1].cpu()), (cuq, cuk)
+
+
+@pytest.mark.kernels_ci
+def test_k2q_to_q2k_owner_rows(device):
+    """Set semantics with a decreasing cu_seqlens_q: a token gets the blocks of its owner request only (a
+    hand-made CSR that also lists it under an overlapping request does not leak), unowned tokens get none."""
+    # requests [0, 6), [6, 2) (empty), [2, 9) overlap on rows 2..5; the binary search gives rows 2..8 to
+    # request 2 (local i = t - 2), rows 0, 1 to request 0, row 9 to none
+    cuq, cuk, total_q = [0, 6, 2, 9], [0, 300, 500, 900], 10   # R = (3, 2, 4)
+    owners = [owner_ref(cuq, t) for t in range(total_q)]
+    assert owners == [0, 0, 2, 2, 2, 2, 2, 2, 2, None]
+    # rows (b, j): (0,0)0 (1,0)1 (2,0)2 (0,1)3 (1,1)4 (2,1)5 (0,2)6 (2,2)7 (2,3)8
+    # row 0 lists request-0 tokens 0, 1 and 5 (t = 5 belongs to request 2: ignored); row 1 (Lq = -4) nothing;
+    # row 2: t = 2, 5, 6, 8; row 3: t = 2 (request 2's: ignored); row 5: t = 3, 6, 7; row 6: t = 3 (ignored);
+    # row 8: i = 7 >= Lq (ignored), t = 8 twice (once)
+    lists = {0: [0, 1, 5], 1: [0], 2: [0, 3, 4, 6], 3: [2], 5: [1, 4, 5], 6: [3], 8: [6, 7, 6]}
+    qi, rp = [], [0]
+    for r in range(9):
+        qi += lists.get(r, [])
+        rp.append(len(qi))
+    qi += [-1] * (total_q * 4 - len(qi))
+    rp_t = torch.tensor([rp], dtype=torch.int32, device=device)
+    qi_t = torch.tensor([qi], dtype=torch.int32, device=device)
+    cu_q = torch.tensor(cuq, dtype=torch.int32, device=device)
+    cu_k = torch.tensor(cuk, dtype=torch.int32, device=device)
+    back = msa.csr.k2q_to_q2k(rp_t, qi_t, cu_q, cu_k, total_q, 4).cpu()[0]
+    want = {0: [0], 1: [0], 2: [0], 3: [1], 4: [], 5: [0], 6: [0, 1], 7: [1], 8: [0, 3], 9: []}
+    for t in range(total_q):
+        ids = [j for j in back[t].tolist() if j >= 0]
+        assert ids == want[t], (t, back[t].tolist())
+
+
 @pytest.mark.kernels_ci
 def test_csr_opcheck_and_compile():
     q2k, cu_q, cu_k = make_case([6], [300], 1, 2, noncontig=False)
@@ -307,3 +461,16 @@ def test_csr_gpu_m3_32k_and_graph(cuda_device):
     graph.replay()
     rp_c2, qi_c2 = msa.build_k2q_csr(q2k2, cu, cu, 128, total_k=32768)
     assert torch.equal(rp_gr.cpu(), rp_c2) and torch.equal(qi_gr.cpu(), qi_c2)
+
+
+@requires_cuda
+@pytest.mark.parametrize("cuq,cuk,total_q", ODD_CU)
+def test_csr_gpu_odd_cu_seqlens_matches_cpu(cuda_device, cuq, cuk, total_q):
+    q2k = torch.randint(-1, 7, (2, total_q, 3), dtype=torch.int32)
+    cu_q = torch.tensor(cuq, dtype=torch.int32)
+    cu_k = torch.tensor(cuk, dtype=torch.int32)
+    want = build_k2q_csr_owner_ref(q2k, cuq, cuk, csr_mod.default_total_rows(900, len(cuq) - 1),
+                                   csr_mod.max_kv_blocks_bound(None, 900))
+    for dev in ("cpu", cuda_device):
+        rp, qi = msa.build_k2q_csr(q2k.to(dev), cu_q.to(dev), cu_k.to(dev), 128, total_k=900)
+        assert torch.equal(rp.cpu(), want[0]) and torch.equal(qi.cpu(), want[1]), dev

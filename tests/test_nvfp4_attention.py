@@ -300,6 +300,56 @@ def test_fused_opcheck_and_compile(device):
     assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
 
 
+def owner_ref(cu_q, t):
+    """docs/POLICIES.md owner rule (binary search over ``cu_q``, then the request's range must hold ``t``)."""
+    B = len(cu_q) - 1
+    lo, hi = 0, B
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if cu_q[mid] <= t:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo if lo < B and cu_q[lo] <= t < cu_q[lo + 1] else None
+
+
+def with_cu_q(inp, cuq):
+    """The same tokens / K/V with another cu_seqlens_q (and the CSR rebuilt for it)."""
+    dev = inp["q"].device
+    cu_q = torch.tensor(cuq, dtype=torch.int32, device=dev)
+    rp, qi = msa.build_k2q_csr(inp["q2k"], cu_q, inp["cu_k"], 128, total_k=int(inp["cu_k"][-1]))
+    return dict(inp, cu_q=cu_q, rp=rp, qi=qi)
+
+
+@pytest.mark.kernels_ci
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.parametrize("paged", [False, True], ids=["dense", "paged"])
+def test_fused_rows_outside_requests(device, paged):
+    """Rows outside cu_seqlens_q (or not owned under a decreasing cu_seqlens_q) give O = 0, LSE = -inf on the
+    NVFP4 path too (they used to be uninitialised); owned rows match the dequantised bf16 path and float64."""
+    inp = build(device, qdtype=torch.float16, paged=paged, mode="raw_gs", lq=[10, 6, 8], lk=[200, 130, 300], hq=4,
+                hkv=2, topk=3)
+    total_q = inp["q"].shape[0]
+    for cuq, monotone in (([3, 12, 17, 20], True), ([0, 14, 6, 20], False)):
+        odd = with_cu_q(inp, cuq)
+        _poison_pool(odd)
+        got = run_fused(odd, causal=True)
+        check_vs_dequantised(got, run_dequantised(odd, causal=True))
+        owned = [t for t in range(total_q) if owner_ref(cuq, t) is not None]
+        unowned = [t for t in range(total_q) if t not in owned]
+        assert unowned
+        o, lse = got[0].cpu(), got[1].cpu()
+        assert (o[unowned] == 0).all() and torch.isneginf(lse[unowned]).all()
+        if monotone:  # per-request float64 reference (no overlaps)
+            check_vs_float64(got[0], got[1], dict(odd, lq=[cuq[b + 1] - cuq[b] for b in range(3)]), causal=True,
+                             rows=owned)
+    # empty and unowned rows stay exactly 0 even when v_global is inf (0 * inf would be NaN)
+    odd = with_cu_q(inp, [3, 12, 17, 20])
+    out, lse = run_fused(dict(odd, vg=torch.full((1,), math.inf, device=device)), causal=True)
+    empty = torch.isneginf(lse)
+    assert empty.any() and (out[empty] == 0).all()
+
+
 @pytest.mark.kernels_ci
 def test_nvfp4_kv_errors(device):
     T, Hkv = 128, 1
@@ -490,3 +540,24 @@ def test_fused_gpu_graph_and_determinism(cuda_device):
     ref = run_fused(inp, causal=True)
     assert torch.equal(g_out, ref[0]) and torch.equal(g_lse, ref[1])
     check_vs_float64(g_out, g_lse, inp, causal=True, rows=_rows(4096, 128))
+
+
+@requires_cuda
+@pytest.mark.parametrize("qdtype", [torch.bfloat16, FP8], ids=["bf16", "fp8"])
+@pytest.mark.parametrize("paged", [False, True], ids=["dense", "paged"])
+def test_fused_gpu_rows_outside_requests(cuda_device, qdtype, paged):
+    """GPU tiles: a gap before the first request, a decreasing step and rows after the last request."""
+    inp = build(cuda_device, qdtype=qdtype, paged=paged, mode="quant", lq=[1200, 900, 700], lk=[3000, 900, 2000],
+                hq=32, hkv=4, topk=16)
+    total_q = inp["q"].shape[0]
+    cuq = [45, 1500, 1100, 2650]
+    odd = with_cu_q(inp, cuq)
+    _poison_pool(odd)
+    got = run_fused(odd, causal=True)
+    check_vs_dequantised(got, run_dequantised(odd, causal=True))
+    owners = [owner_ref(cuq, t) for t in range(total_q)]
+    unowned = [t for t, b in enumerate(owners) if b is None]
+    assert unowned == list(range(45)) + list(range(2650, total_q))
+    o, lse = got[0].cpu(), got[1].cpu()
+    assert (o[unowned] == 0).all() and torch.isneginf(lse[unowned]).all()
+    assert torch.isfinite(o.float()).all()

@@ -357,6 +357,148 @@ def test_prefill_errors(device):
             f(rp=rp.cpu())
 
 
+# ------------------------------------------------------------------------------------------------
+# Query rows outside cu_seqlens_q / odd cu_seqlens_q (docs/POLICIES.md): O = 0, LSE = -inf, never
+# uninitialised; rows computed from their owner request only
+# ------------------------------------------------------------------------------------------------
+
+def owner_ref(cu_q, t):
+    """docs/POLICIES.md owner rule: the request a binary search over ``cu_q`` finds for ``t`` (probe
+    ``(lo + hi + 1) // 2`` over ``[0, B]``, right iff ``cu_q[mid] <= t``), if its range holds ``t``."""
+    B = len(cu_q) - 1
+    lo, hi = 0, B
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if cu_q[mid] <= t:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo if lo < B and cu_q[lo] <= t < cu_q[lo + 1] else None
+
+
+def odd_inputs(cuq, lk, total_q, hq, hkv, topk, dtype, device, *, kind="random", kv_dtype=None):
+    """Inputs with an arbitrary ``cu_seqlens_q`` (gaps, overlaps, out of range) and dense KV of lengths ``lk``;
+    the CSR is ``build_k2q_csr`` of random per-token ids (ids in [-1, max nb + 1])."""
+    cu_k = cu(lk, device)
+    total_k = sum(lk)
+    nbmax = max([-(-x // 128) for x in lk] + [1])
+    q = torch.randn(total_q, hq, 128, device=device).to(dtype)
+    k = torch.randn(total_k, hkv, 128, device=device).to(kv_dtype or dtype)
+    v = torch.randn(total_k, hkv, 128, device=device).to(kv_dtype or dtype)
+    if kind == "random":
+        q2k = torch.randint(-1, nbmax + 2, (hkv, total_q, topk), dtype=torch.int32)
+    else:  # every token selects blocks 0 .. topK-1 (dense-ish: most rows non-empty)
+        q2k = torch.arange(topk, dtype=torch.int32).view(1, 1, -1).expand(hkv, total_q, topk).contiguous()
+    cu_q = torch.tensor(cuq, dtype=torch.int32, device=device)
+    rp, qi = msa.build_k2q_csr(q2k.to(device), cu_q, cu_k, 128, total_k=total_k)
+    return dict(q=q, k=k, v=v, q2k=q2k, cu_q=cu_q, cu_k=cu_k, rp=rp, qi=qi, lq=None, lk=list(lk), topk=topk,
+                cuq=list(cuq))
+
+
+def owner_reference(inp, *, causal, scale=None, tau=None, rows=None):
+    """float64 reference for any cu_seqlens_q: row t from its owner request b (local i = t - cu_q[b], Lq_b =
+    cu_q[b+1] - cu_q[b], the CSR set semantics of b, Lk_b from cu_seqlens_k); rows without owner O = 0,
+    LSE = LSE_T = -inf. ``rows``: compute only these owned rows (the others stay 0 / -inf). Returns
+    (O, LSE, LSE_T, owned row list)."""
+    cq, ck = inp["cuq"], inp["cu_k"].tolist()
+    scale = 128 ** -0.5 if scale is None else scale
+    total_q, hq, _ = inp["q"].shape
+    o = torch.zeros(total_q, hq, 128, dtype=torch.float64)
+    lse = torch.full((total_q, hq), -math.inf, dtype=torch.float64)
+    lset = torch.full((total_q, hq), -math.inf, dtype=torch.float64)
+    vis_of, owned = {}, []
+    for t in range(total_q):
+        b = owner_ref(cq, t)
+        if b is None:
+            continue
+        owned.append(t)
+        if rows is not None and t not in rows:
+            continue
+        lq, lk, ks = cq[b + 1] - cq[b], ck[b + 1] - ck[b], ck[b]
+        if b not in vis_of:
+            bm = csr_block_mask(inp["rp"], inp["qi"], cq, ck, b, -(-lk // 128))
+            vis_of[b] = visible_from_blocks(bm, lq, lk, causal=causal)
+        i = t - cq[b]
+        ot, lt, ltt = attention_ref(inp["q"][t:t + 1], inp["k"][ks:ks + lk], inp["v"][ks:ks + lk],
+                                    vis_of[b][:, i:i + 1], scale, tau=tau)
+        o[t], lse[t] = ot[0].cpu(), lt[0].cpu()
+        if tau is not None:
+            lset[t] = ltt[0].cpu()
+    return o, lse, lset, owned
+
+
+def check_all_rows(out, lse, inp, *, causal, atol, lse_atol=1e-3, lse_t=None, tau=None, scale=None):
+    """Every row: owned rows against the reference, the others exactly O = 0 and LSE (LSE_T) = -inf."""
+    o_ref, l_ref, lt_ref, owned = owner_reference(inp, causal=causal, tau=tau, scale=scale)
+    out, lse = out.cpu(), lse.cpu()
+    unowned = [t for t in range(out.shape[0]) if t not in set(owned)]
+    if unowned:
+        assert (out[unowned] == 0).all(), "rows without a request must be exactly 0"
+        assert torch.isneginf(lse[unowned]).all(), "rows without a request must have LSE = -inf"
+        if lse_t is not None:
+            assert torch.isneginf(lse_t.cpu()[unowned]).all(), "rows without a request must have LSE_T = -inf"
+    assert_close_attn(out, o_ref, atol=atol)  # all rows (unowned: 0 vs 0); also checks every value is finite
+    assert_lse_close(lse, l_ref, atol=lse_atol, rtol=lse_atol)
+    if lse_t is not None:
+        assert_lse_close(lse_t.cpu(), lt_ref, atol=lse_atol, rtol=lse_atol)
+    return owned, unowned
+
+
+def call_odd(inp, *, causal, paged=None, **kw):
+    args = dict(cu_seqlens_q=inp["cu_q"], cu_seqlens_k=inp["cu_k"], max_seqlen_q=inp["q"].shape[0],
+                max_seqlen_k=max(inp["lk"] + [1]), causal=causal, return_softmax_lse=True)
+    args.update(kw)
+    k, v = inp["k"], inp["v"]
+    if paged is not None:
+        k, v, args["page_table"], args["seqused_k"] = paged
+    return msa.sparse_atten_func(inp["q"], k, v, inp["rp"], inp["qi"], inp["topk"], **args)
+
+
+ODD_CU_Q = [
+    # (cu_seqlens_q, KV lengths, total_q)
+    ([3, 9, 14], [300, 200], 18),            # rows before cu_q[0] and after cu_q[-1]
+    ([0, 6], [260], 11),                     # cu_q[-1] < total_q
+    ([0, 8, 4, 12], [300, 200, 200], 14),    # decreasing step: overlapping ranges (+ rows after the end)
+    ([5, 2, 9, 9, 13], [200, 140, 0, 300], 15),  # negative first length, empty request, gap at 0..1
+    ([-5, 6, 10], [200, 300], 12),           # negative start (rows 0..5 are tokens 5..10 of request 0)
+    ([0, 7, 30], [150, 300], 10),            # cu_q[-1] > total_q
+]
+
+
+@pytest.mark.kernels_ci
+@pytest.mark.parametrize("cuq,lk,total_q", ODD_CU_Q)
+@pytest.mark.parametrize("causal", [True, False])
+def test_prefill_rows_outside_requests(device, cuq, lk, total_q, causal):
+    """Rows outside cu_seqlens_q (and rows an overlapping request does not own) give O = 0, LSE = -inf; owned
+    rows equal the float64 reference of their owner request (they used to be uninitialised memory)."""
+    inp = odd_inputs(cuq, lk, total_q, 4, 2, 3, torch.float16, device)
+    out, lse = call_odd(inp, causal=causal)
+    check_all_rows(out, lse, inp, causal=causal, atol=FP16_ATOL)
+
+
+@pytest.mark.kernels_ci
+def test_prefill_rows_outside_requests_paged_tau_gqa(device):
+    """Paged KV, temperature LSE and G = 8: the same rows are zero / -inf (LSE_T too), owned rows exact."""
+    cuq, lk, total_q = [2, 7, 5, 12], [300, 130, 250], 15
+    inp = odd_inputs(cuq, lk, total_q, 8, 1, 3, torch.float16, device)
+    kp, vp, pt = to_paged(inp["k"], inp["v"], lk, inp["cu_k"])
+    sequ = torch.tensor(lk, dtype=torch.int32, device=device)
+    out, lse, lse_t = call_odd(inp, causal=True, paged=(kp, vp, pt, sequ), return_temperature_lse=True,
+                               lse_temperature_scale=0.6)
+    check_all_rows(out, lse, inp, causal=True, atol=FP16_ATOL, lse_t=lse_t, tau=0.6)
+    dense = call_odd(inp, causal=True, return_temperature_lse=True, lse_temperature_scale=0.6)
+    assert all(torch.equal(a, b) for a, b in zip(dense, (out, lse, lse_t)))
+
+
+@pytest.mark.kernels_ci
+def test_prefill_whole_batch_outside_and_empty_requests(device):
+    """cu_seqlens_q entirely past total_q, or all requests empty: every row is 0 / -inf."""
+    for cuq in ([20, 30], [0, 0, 0], [4, 4]):
+        inp = odd_inputs(cuq, [200] * (len(cuq) - 1), 9, 2, 1, 2, torch.float16, device, kind="dense")
+        out, lse = call_odd(inp, causal=False)
+        assert (out == 0).all() and torch.isneginf(lse).all()
+
+
 @pytest.mark.kernels_ci
 def test_prefill_opcheck_and_compile(device):
     inp = make_inputs([3], [200], 2, 1, 2, torch.float16, device)
@@ -476,3 +618,37 @@ def test_prefill_gpu_graph_and_determinism(cuda_device):
     ref = call(inp, causal=True)
     assert torch.equal(g_out, ref[0]) and torch.equal(g_lse, ref[1])
     check(g_out, g_lse, inp, atol=BF16_ATOL, rows=subset_rows(4096, 48))
+
+
+@requires_cuda
+@pytest.mark.parametrize("dt", ["bf16", "bf16_fp8kv", "fp8"])
+@pytest.mark.parametrize("paged", [False, True])
+def test_prefill_gpu_rows_outside_requests(cuda_device, dt, paged):
+    """GPU tiles (M up to 128 rows), ragged odd cu_seqlens_q and a poisoned allocator: rows without a request are
+    exactly 0 / -inf on the bf16, bf16 + fp8 KV and fp8 paths; sampled owned rows match the reference."""
+    qd, kvd = {"bf16": (torch.bfloat16, None), "bf16_fp8kv": (torch.bfloat16, FP8), "fp8": (FP8, None)}[dt]
+    cuq, lk, total_q = [37, 1100, 900, 2500, 2501], [2000, 700, 2600, 300], 2700
+    inp = odd_inputs(cuq, lk, total_q, 16, 2, 16, qd, cuda_device, kv_dtype=kvd)
+    pg = None
+    if paged:
+        kp, vp, pt = to_paged(inp["k"], inp["v"], lk, inp["cu_k"])
+        pg = (kp, vp, pt, torch.tensor(lk, dtype=torch.int32, device=cuda_device))
+    junk = torch.full((256 << 20,), float("nan"), dtype=torch.float32, device=cuda_device)  # reused by O / LSE
+    del junk
+    out, lse = call_odd(inp, causal=True, paged=pg)
+    torch.cuda.synchronize()
+    rows = subset_rows(total_q, 48) + [36, 37, 899, 900, 1099, 1100, 2499, 2500, 2501, 2699]
+    o_ref, l_ref, _, owned = owner_reference(inp, causal=True, rows=set(rows))
+    unowned = sorted(set(range(total_q)) - set(owned))
+    # owners: rows 0..36 none, 37..899 request 0, 900..2499 request 2 (overlapping request 0), 2500 request 3
+    assert unowned == list(range(37)) + list(range(2501, total_q))
+    out_c, lse_c = out.cpu(), lse.cpu()
+    assert (out_c[unowned] == 0).all() and torch.isneginf(lse_c[unowned]).all()
+    assert torch.isfinite(out_c.float()).all()
+    sel = sorted(set(rows) & set(owned))
+    if dt == "fp8":  # API.md 3.5 FP8 criterion
+        assert (out_c[sel].double() - o_ref[sel].to(torch.bfloat16).double()).abs().max().item() <= 0.125
+        assert_lse_close(lse_c[sel], l_ref[sel], atol=2e-3, rtol=2e-3)
+    else:
+        assert_close_attn(out_c[sel], o_ref[sel], atol=BF16_ATOL)
+        assert_lse_close(lse_c[sel], l_ref[sel])

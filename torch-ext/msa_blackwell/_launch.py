@@ -55,6 +55,11 @@ class SignatureCache(dict):
         return value
 
 
+def _disable_direct():
+    global _DIRECT_OK
+    _DIRECT_OK = False
+
+
 class TritonLauncher:
     """Launch ``kernel`` with positional arguments (all parameters, declaration order); see the module doc."""
 
@@ -79,8 +84,12 @@ class TritonLauncher:
             if ck is not None:
                 g = grid + (1, 1)
                 stream = torch._C._cuda_getCurrentRawStream(args[0].get_device())
-                ck.run(g[0], g[1], g[2], stream, ck.function, ck.packed_metadata, None, None, None, *args)
-                return
+                try:
+                    ck.run(g[0], g[1], g[2], stream, ck.function, ck.packed_metadata, None, None, None, *args)
+                    return
+                except (TypeError, ValueError, AttributeError):  # launcher ABI of another Triton: argument parsing
+                    _disable_direct()                            # fails before any launch; use Triton's path
+                    direct = False
         ck = self.kernel[grid](*args, num_warps=num_warps, num_stages=num_stages)
         if direct and ck is not None and hasattr(ck, "packed_metadata"):
             if len(self.compiled) >= 512:

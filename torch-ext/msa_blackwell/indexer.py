@@ -20,6 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._launch import TritonLauncher
 from ._registry import add_op_namespace_prefix
 from ._validate import check_devices, check_host_int, check_tensor, interpreter_active
 from .nvfp4 import _e2m1_code_to_f32, _e4m3_code_to_f32
@@ -429,34 +430,36 @@ def decode_score_plan(cfg, D: int, block_size: int, NB: int, n_rows: int, sms: i
     return TN, tpp, -(-n_tiles // tpp)
 
 
-# Launch plans of the score kernel, keyed by everything they are derived from (device, shapes, strides, NB,
-# block size, lse): (cfg, major, out shape, mode, grid, int args, constexpr kwargs). ``cfg`` is the
-# DECODE_SCORE_CONFIGS entry the plan was made from; a plan is used only while that entry is still the one in the
-# table (tests and tuning swap entries). Bounded: cleared when it reaches _PLAN_CACHE_MAX entries.
+# Launch plans of the score kernel, keyed by everything they are derived from and everything Triton specialises
+# on (device, dtypes, shapes, strides, NB, block size, lse): (cfg, major, out shape, mode, grid, int args,
+# constexprs, launcher key, num_warps, num_stages). ``cfg`` is the DECODE_SCORE_CONFIGS entry the plan was made
+# from; a plan is used only while that entry is still the one in the table (tests and tuning swap entries).
+# Bounded: cleared when it reaches _PLAN_CACHE_MAX entries.
 _PLAN_CACHE = {}
 _PLAN_CACHE_MAX = 4096
 _MODE_EMPTY, _MODE_NEG, _MODE_LAUNCH = 0, 1, 2
 
 
-def _decode_scores_make_plan(q, kc, req_to_token, seq_lens, slot_ids, NB, block_size, lse):
+def _decode_scores_make_plan(key, q, kc, req_to_token, seq_lens, slot_ids, NB, block_size, lse):
     B, Hq, D = q.shape
     out_shape = (Hq, B, NB)
     major, sms = _device_info(q.device.type, q.device.index)
     cfg = decode_score_config(major)
     if B == 0 or NB == 0 or Hq == 0:
-        return cfg, major, out_shape, _MODE_EMPTY, None, None, None
+        return cfg, major, out_shape, _MODE_EMPTY, None, None, None, None, 0, 0
     Hkv, max_slots = kc.shape[1], kc.shape[0]
     n_req_rows, width = req_to_token.shape
     if max_slots == 0 or n_req_rows == 0 or width == 0:
-        return cfg, major, out_shape, _MODE_NEG, None, None, None  # no key can be read: every block is empty
+        return cfg, major, out_shape, _MODE_NEG, None, None, None, None, 0, 0  # no key can be read: all -inf
     TN, tpp, n_chunks = decode_score_plan(cfg, D, block_size, NB, B * Hkv, sms)
     G = Hq // Hkv
     GP = max(16, triton.next_power_of_2(G))
     grid = (n_chunks * B * Hkv,)
     args = (*q.stride(), *kc.stride(), *req_to_token.stride(), seq_lens.stride(0), slot_ids.stride(0), width,
             n_req_rows, max_slots, G, Hkv, B, NB, n_chunks, tpp)
-    kw = dict(D=D, BS=block_size, TN=TN, GP=GP, LSE=lse, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    return cfg, major, out_shape, _MODE_LAUNCH, grid, args, kw
+    cx = (D, block_size, TN, GP, lse)  # constexprs D, BS, TN, GP, LSE
+    return (cfg, major, out_shape, _MODE_LAUNCH, grid, args, cx, (key, cx, n_chunks, tpp), cfg["num_warps"],
+            cfg["num_stages"])
 
 
 def _decode_block_scores_impl(q: torch.Tensor, k_cache: torch.Tensor, req_to_token: torch.Tensor,
@@ -472,23 +475,28 @@ def _decode_block_scores_impl(q: torch.Tensor, k_cache: torch.Tensor, req_to_tok
             q = q.float()
         if k_cache.dtype in (torch.bfloat16, torch.float8_e4m3fn):
             k_cache = k_cache.float()
-    key = (q.device, q.shape, q.stride(), k_cache.shape, k_cache.stride(), req_to_token.shape,
-           req_to_token.stride(), seq_lens.stride(), slot_ids.stride(), NB, block_size, lse)
+    key = (q.device, q.dtype, q.shape, q.stride(), k_cache.dtype, k_cache.shape, k_cache.stride(),
+           req_to_token.dtype, req_to_token.shape, req_to_token.stride(), seq_lens.dtype, seq_lens.stride(),
+           slot_ids.dtype, slot_ids.stride(), NB, block_size, lse)
     plan = _PLAN_CACHE.get(key)
     if plan is None or plan[0] is not decode_score_config(plan[1]):
-        plan = _decode_scores_make_plan(q, k_cache, req_to_token, seq_lens, slot_ids, NB, block_size, lse)
+        plan = _decode_scores_make_plan(key, q, k_cache, req_to_token, seq_lens, slot_ids, NB, block_size, lse)
         if len(_PLAN_CACHE) >= _PLAN_CACHE_MAX:
             _PLAN_CACHE.clear()
         _PLAN_CACHE[key] = plan
-    _, _, out_shape, mode, grid, args, kw = plan
+    _, _, out_shape, mode, grid, args, cx, lkey, num_warps, num_stages = plan
     out = torch.empty(out_shape, dtype=torch.float32, device=q.device)
     if mode == _MODE_LAUNCH:
-        _decode_block_scores_kernel[grid](q, k_cache, req_to_token, seq_lens, slot_ids, out, *args, sm_scale, **kw)
+        # direct launch of the compiled kernel once this signature has run (lkey fixes every dtype, shape, stride,
+        # host int and constexpr of the launch)
+        _SCORE_LAUNCHER(grid, (q, k_cache, req_to_token, seq_lens, slot_ids, out) + args + (float(sm_scale),) + cx,
+                        key=lkey, num_warps=num_warps, num_stages=num_stages)
     elif mode == _MODE_NEG:
         out.fill_(float("-inf"))
     return out
 
 
+_SCORE_LAUNCHER = TritonLauncher(_decode_block_scores_kernel)
 # The registered op (torch.compile, opcheck, peers) runs the same implementation; eager calls of
 # flash_decode_with_topk_idx call _decode_block_scores_impl directly (no dispatcher round trip).
 _decode_block_scores_op = torch.library.custom_op(add_op_namespace_prefix("decode_block_scores"),

@@ -26,6 +26,7 @@ Swizzled offset of logical scale ``(r, c)`` with ``C' = round_up(C, 4)``::
 """
 
 import functools
+import operator
 from dataclasses import dataclass
 from typing import List, Optional, Tuple
 
@@ -312,7 +313,10 @@ def _nvfp4_quant_kernel(x_ptr, y_ptr, part_ptr, n_parts, data_ptr, data_y_ptr, s
         m = row_ok[:, None] & (cols[None, :] < C * 16)
         x = tl.load(x_ptr + base + roff[:, None] + (cols * sD)[None, :], mask=m, other=0.0)
         x4 = tl.reshape(x.to(tl.float32), [128, 4, 2, 8])
-        v = tl.max(tl.max(tl.abs(x4), axis=3), axis=2) * s_enc6  # [128, 4]
+        v = tl.max(tl.max(tl.abs(x4), axis=3), axis=2) * s_enc6  # [128, 4] (max ignores NaN)
+        # NaN policy: a block holding a NaN gets the NaN scale byte 0x7F and all-zero codes, so it
+        # dequantises to 16 NaNs; the amax pass ignored it, so no other block changes
+        nanb = tl.max(tl.max((x4 != x4).to(tl.int32), axis=3), axis=2) != 0  # [128, 4]
         if HW_CVT:
             f8 = tl.where(v != v, 448.0, v).to(tl.float8e4nv)  # cvt.rn.satfinite; NaN as the integer encoder (448)
             sc = f8.to(tl.uint8, bitcast=True)
@@ -321,10 +325,12 @@ def _nvfp4_quant_kernel(x_ptr, y_ptr, part_ptr, n_parts, data_ptr, data_y_ptr, s
             code = _e4m3_rne_satfinite(v)
             sc = code.to(tl.uint8)
             sf = _e4m3_code_to_f32(code)
+        sc = tl.where(nanb, 0x7F, sc)
         prod = sf * inv_s
         coef = tl.minimum(tl.math.div_rn(tl.full([128, 4], 1.0, tl.float32), prod), 3.4028234663852886e38)
         coef = tl.where(prod == 0.0, 3.4028234663852886e38, coef)
         biased = _e2m1_biased(x4 * coef[:, :, None, None])  # [128, 4, 2, 8] uint32, code + bits(M)
+        biased = tl.where(nanb[:, :, None, None], 0x4AC00000, biased)  # NaN block: code 0 everywhere
         # element 8w + k in nibble k of word w; the bias terms sum to the constant _E2M1_WORD_BIAS (mod 2^32)
         words = tl.sum(biased << nib[None, None, None, :], axis=3) - _E2M1_WORD_BIAS  # [128, 4, 2]
         # data: int32 word (4 ct + c) * 2 + h of row rt * 128 + lr
@@ -564,12 +570,52 @@ def quantize_kv_bf16_to_nvfp4_128x4(k: torch.Tensor, v: torch.Tensor) -> Tuple[N
             Nvfp4QuantizedTensor(dv, sv, gv, (R, C), tuple(v.shape)))
 
 
-def _as_bytes(t: torch.Tensor) -> torch.Tensor:
+def _as_bytes(name: str, t) -> torch.Tensor:
+    """A tensor of any 1-byte dtype, viewed as uint8 (TypeError naming ``name`` otherwise)."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if t.dtype == torch.uint8:
         return t
     if t.element_size() != 1:
-        raise TypeError(f"expected a 1-byte dtype, got {t.dtype}")
+        raise TypeError(f"{name} must have a 1-byte dtype (uint8), got {str(t.dtype).replace('torch.', '')}")
     return t.view(torch.uint8)
+
+
+def _host_index(name: str, v) -> int:
+    """An integer (anything with ``__index__``: int, numpy int, SymInt; not bool), else TypeError naming ``name``."""
+    if isinstance(v, bool):
+        raise TypeError(f"{name} must be an int, got bool")
+    try:
+        return operator.index(v)
+    except TypeError:
+        raise TypeError(f"{name} must be an int, got {type(v).__name__}") from None
+
+
+def _int_tuple(name: str, value, length: Optional[int] = None) -> Tuple[int, ...]:
+    """A tuple / list / torch.Size of non-negative host ints (TypeError / ValueError naming ``name``)."""
+    if not isinstance(value, (tuple, list, torch.Size)):
+        raise TypeError(f"{name} must be a tuple of ints, got {type(value).__name__}")
+    out = tuple(_host_index(f"{name} entries", v) for v in value)
+    if length is not None and len(out) != length:
+        raise ValueError(f"{name} must have {length} entries, got {out}")
+    if any(v < 0 for v in out):
+        raise ValueError(f"{name} must be non-negative, got {out}")
+    return out
+
+
+def _check_global_scale(name: str, g) -> torch.Tensor:
+    """``global_scale``: a one-element float32 tensor (TypeError for the type / dtype, ValueError for the size).
+
+    Its value is not checked: reading it would synchronise with a CUDA device (API.md 3.6); a NaN / inf global
+    scale propagates through the multiplication (docs/POLICIES.md).
+    """
+    if not isinstance(g, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(g).__name__}")
+    if g.dtype != torch.float32:
+        raise TypeError(f"{name} must be a float32 tensor, got {str(g.dtype).replace('torch.', '')}")
+    if g.numel() != 1:
+        raise ValueError(f"{name} must have exactly one element, got shape {tuple(g.shape)}")
+    return g
 
 
 _E2M1_LUT = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
@@ -579,23 +625,32 @@ def dequantize_nvfp4_128x4_to_bf16(qx: Nvfp4QuantizedTensor, *, include_global_s
     """Pure-PyTorch dequantisation to bf16 ``qx.original_shape`` (API.md §5.10), CPU or CUDA.
 
     Element value ``bf16_RNE((LUT(code) * E4M3(scale_128x4.flat[off(r, c)])) * g)``, evaluated in FP32.
+    Errors: ``TypeError`` for a non-``Nvfp4QuantizedTensor`` argument or a field of the wrong type / dtype
+    (``data`` / ``scale_128x4`` 1-byte tensors, ``global_scale`` float32), ``ValueError`` for inconsistent
+    shapes or a ``global_scale`` that does not hold exactly one element; messages name the field.
     """
-    shape = tuple(int(s) for s in qx.original_shape)
+    if not isinstance(qx, Nvfp4QuantizedTensor):
+        raise TypeError(f"qx must be an Nvfp4QuantizedTensor, got {type(qx).__name__}")
+    shape = _int_tuple("qx.original_shape", qx.original_shape)
     if len(shape) < 1:
-        raise ValueError("original_shape must have at least one dim")
+        raise ValueError("qx.original_shape must have at least one dim")
     D = shape[-1]
-    data = _as_bytes(qx.data)
-    if int(data.shape[-1]) * 2 != D:
-        raise ValueError(f"data.shape[-1]*2 ({int(data.shape[-1]) * 2}) != original_shape[-1] ({D})")
-    R, C = (int(v) for v in qx.logical_scale_shape)
+    data = _as_bytes("qx.data", qx.data)
+    if data.dim() < 1 or int(data.shape[-1]) * 2 != D:
+        raise ValueError(f"qx.data.shape[-1]*2 ({int(data.shape[-1]) * 2 if data.dim() else 0}) != "
+                         f"qx.original_shape[-1] ({D})")
+    R, C = _int_tuple("qx.logical_scale_shape", qx.logical_scale_shape, 2)
     if C * 16 != D:
-        raise ValueError(f"logical_scale_shape[1]*16 ({C * 16}) != original_shape[-1] ({D})")
+        raise ValueError(f"qx.logical_scale_shape[1]*16 ({C * 16}) != qx.original_shape[-1] ({D})")
     if R != _prod(shape[:-1]) or data.numel() != R * (D // 2):
-        raise ValueError(f"data {tuple(data.shape)} / logical_scale_shape {(R, C)} do not match original_shape {shape}")
-    scale = _as_bytes(qx.scale_128x4)
+        raise ValueError(f"qx.data {tuple(data.shape)} / qx.logical_scale_shape {(R, C)} do not match "
+                         f"qx.original_shape {shape}")
+    scale = _as_bytes("qx.scale_128x4", qx.scale_128x4)
+    g = _check_global_scale("qx.global_scale", qx.global_scale)
     RP, CP = _round_up(R, 128), _round_up(C, 4)
     if scale.numel() < RP * CP:
-        raise ValueError(f"scale_128x4 has {scale.numel()} elements, needs at least {RP * CP} (round_up(R,128)*round_up(C,4))")
+        raise ValueError(f"qx.scale_128x4 has {scale.numel()} elements, needs at least {RP * CP} "
+                         "(round_up(R,128)*round_up(C,4))")
     dev = data.device
     data = data.reshape(R, D // 2)
     lut = torch.tensor(_E2M1_LUT, dtype=torch.float32, device=dev)
@@ -605,8 +660,7 @@ def dequantize_nvfp4_128x4_to_bf16(qx: Nvfp4QuantizedTensor, *, include_global_s
     sf = sbytes.view(torch.float8_e4m3fn).to(torch.float32)
     out = vals * sf.unsqueeze(-1)
     if include_global_scale:
-        g = qx.global_scale.reshape(-1)[0].to(device=dev, dtype=torch.float32)
-        out = out * g
+        out = out * g.reshape(-1)[0].to(device=dev)
     return out.to(torch.bfloat16).reshape(shape)
 
 
@@ -616,8 +670,10 @@ def swizzle_nvfp4_scale_to_128x4(scale: torch.Tensor, *, rows: int, cols: int) -
         raise TypeError(f"scale must be a torch.Tensor, got {type(scale).__name__}")
     if scale.dim() != 2:
         raise ValueError(f"scale must be 2-D, got shape {tuple(scale.shape)}")
-    rows, cols = int(rows), int(cols)
-    if rows < 0 or cols < 0 or scale.shape[0] < rows or scale.shape[1] < cols:
+    rows, cols = _host_index("rows", rows), _host_index("cols", cols)
+    if rows < 0 or cols < 0:
+        raise ValueError(f"rows and cols must be >= 0, got ({rows}, {cols})")
+    if scale.shape[0] < rows or scale.shape[1] < cols:
         raise ValueError(f"scale of shape {tuple(scale.shape)} is smaller than (rows, cols) = ({rows}, {cols})")
     RP, CP = _round_up(rows, 128), _round_up(cols, 4)
     if scale.element_size() == 1 and scale.dtype != torch.uint8:
@@ -636,6 +692,8 @@ def nvfp4_global_scale_from_amax(amax: torch.Tensor) -> torch.Tensor:
     """``amax.to(float32) / 2688`` (FP32 division), same shape and device (API.md §5.12)."""
     if not isinstance(amax, torch.Tensor):
         raise TypeError(f"amax must be a torch.Tensor, got {type(amax).__name__}")
+    if amax.is_complex():
+        raise TypeError(f"amax must be a real tensor, got {str(amax.dtype).replace('torch.', '')}")
     a = amax.to(torch.float32)
     # Tensor / tensor: PyTorch's CUDA division by a Python scalar multiplies by the reciprocal, which is
     # not the correctly rounded FP32 division the format defines (1-ulp differences).

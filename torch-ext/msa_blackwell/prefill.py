@@ -187,7 +187,7 @@ def _keep_run_start(a, b):
 
 @triton.jit
 def _prefill_fwd_kernel(
-    Q, K, V, O, LSE, LSET, SLOTS, CUQ, CUK, PT, SEQU, ULIST, KS, VS, KG, VG,
+    Q, K, V, O, LSE, LSET, SLOTS, INFO, CUQ, CUK, PT, SEQU, ULIST, KS, VS, KG, VG,
     sq_t, sq_h, sq_d,
     sk_0, sk_1, sk_2, sk_3,
     sv_0, sv_1, sv_2, sv_3,
@@ -211,46 +211,61 @@ def _prefill_fwd_kernel(
         kgs = tl.load(KG)
         qk_scale = qk_scale * kgs
 
-    # ---- tile -> (request, first local token) --------------------------------------------------
+    # ---- tile -> (window b, first row) ---------------------------------------------------------
+    # Window b = rows [W[b], W[b+1]) (W = INFO[0], non-decreasing, W[0] = 0, W[B+1] := total_q; csr.
+    # _request_window): every row of [0, total_q) lies in exactly one window, request b's owned rows
+    # [INFO[1, b], INFO[2, b]) in window b (window B owns none). Window b takes the tiles [s_b, s_b +
+    # cdiv(W[b+1] - W[b], BMT)), s_b = (W[b] + b*(BMT-1)) // BMT (disjoint; the last one ends below
+    # n_tiles). Every row of a window is stored by its tile; rows the request does not own (outside
+    # cu_seqlens_q, or another request's under a decreasing cu_seqlens_q) select no block, so they get
+    # O = 0 and LSE = -inf: no output row is left unwritten and none is written twice.
     lo = pid * 0
-    hi = lo + (B - 1)
+    hi = lo + B
     for _ in range(niter):
         act = lo < hi
         mid = (lo + hi + 1) // 2
-        cm = tl.load(CUQ + mid)
-        ok = (cm + mid * (BMT - 1)) // BMT <= pid
+        wm = tl.load(INFO + mid)
+        ok = (wm + mid * (BMT - 1)) // BMT <= pid
         lo = tl.where(act & ok, mid, lo)
         hi = tl.where(act & (~ok), mid - 1, hi)
     b = lo
-    qs = tl.load(CUQ + b)
-    lq = tl.load(CUQ + b + 1) - qs
-    i0 = (pid - (qs + b * (BMT - 1)) // BMT) * BMT
+    w0 = tl.load(INFO + b)
+    w1 = tl.load(INFO + b + 1, mask=b < B, other=total_q)
+    own_lo = tl.load(INFO + (B + 1) + b)
+    own_hi = tl.load(INFO + 2 * (B + 1) + b)
+    r0 = w0 + (pid - (w0 + b * (BMT - 1)) // BMT) * BMT  # first row of the tile
+    bc = tl.minimum(b, B - 1)  # window B (no request): any valid index, nothing is owned
+    qs = tl.load(CUQ + bc)
+    lq = tl.load(CUQ + bc + 1).to(tl.int64) - qs  # int64: differences of int32 values
     if PAGED:
         if HAS_SEQU:
-            lk = tl.load(SEQU + b)
+            lk = tl.load(SEQU + bc).to(tl.int64)
         else:
-            lk = qs * 0 + max_pages * BN
+            lk = (qs.to(tl.int64) * 0 + max_pages) * BN
         ks = qs * 0
     else:
-        ks = tl.load(CUK + b)
-        lk = tl.load(CUK + b + 1) - ks
-    lk = tl.maximum(lk, 0)
+        ks = tl.load(CUK + bc)
+        lk = tl.load(CUK + bc + 1).to(tl.int64) - ks
+    lk = tl.minimum(tl.maximum(lk, 0), BIG)  # positions x < 2^30 (int32 x = 128*block + c never wraps)
+    # causal limit of local token i: i + lk - lq, as int64, clamped into [-1, BIG] (x is in [0, BIG))
+    coff = lk - lq
+    lk = lk.to(tl.int32)
     nb = (lk + BN - 1) // BN
     if PAGED:
         nb = tl.minimum(nb, max_pages)
 
-    if (i0 >= 0) & (i0 < lq):
+    if (r0 >= w0) & (r0 < w1):
         r = tl.arange(0, M)
-        tok_r = i0 + r // G
         head = g * G + r % G
-        t_r = qs + tok_r
-        row_ok = (tok_r < lq) & (t_r >= 0) & (t_r < total_q)
-        lim_r = tok_r + lk - lq
+        t_r = r0 + r // G
+        row_ok = t_r < w1  # stored rows (the tile's rows of its window; W[b+1] <= total_q)
+        own_r = row_ok & (t_r >= own_lo) & (t_r < own_hi)  # computed rows
+        lim_r = tl.minimum(tl.maximum((t_r - qs).to(tl.int64) + coff, -1), BIG).to(tl.int32)
         d = tl.arange(0, D)
         cc = tl.arange(0, CAP)
 
         q = tl.load(Q + t_r.to(tl.int64)[:, None] * sq_t + head.to(tl.int64)[:, None] * sq_h
-                    + d.to(tl.int64)[None, :] * sq_d, mask=row_ok[:, None], other=0.0).to(CDT)
+                    + d.to(tl.int64)[None, :] * sq_d, mask=own_r[:, None], other=0.0).to(CDT)
         qks = qk_scale
         if KV_FMT == 1:
             if FP4_DEC != FP4_DEC_TILE32:  # fp16 MMAs against e2m1*scale/FP4_POW2 tiles; per-row logit factors
@@ -259,14 +274,14 @@ def _prefill_fwd_kernel(
 
         # per-token block ids, filtered by length / page bound / block-level causality (every row of a
         # token - its G heads - shares the token's ids and causal limit)
-        tok_t = i0 + tl.arange(0, BMT)
-        t_t = qs + tok_t
-        tok_ok = (tok_t < lq) & (t_t >= 0) & (t_t < total_q)
+        t_t = r0 + tl.arange(0, BMT)
+        tok_ok = (t_t < w1) & (t_t >= own_lo) & (t_t < own_hi)
         stok = (g.to(tl.int64) * total_q + t_t) * CAP
         ids_t = tl.load(SLOTS + stok[:, None] + cc[None, :], mask=tok_ok[:, None], other=-1)
         ok_t = (ids_t >= 0) & (ids_t < nb)
         if CAUSAL:
-            ok_t = ok_t & (ids_t * BN <= (tok_t + lk - lq)[:, None])
+            lim_t = tl.minimum(tl.maximum((t_t - qs).to(tl.int64) + coff, -1), BIG).to(tl.int32)
+            ok_t = ok_t & (ids_t * BN <= lim_t[:, None])
         ids_t = tl.where(ok_t, ids_t, BIG)
 
         m_i = tl.full([M], float("-inf"), tl.float32)
@@ -308,13 +323,13 @@ def _prefill_fwd_kernel(
                 hh = it % NSUB
                 cn = hh * BNS + tl.arange(0, BNS)
                 m_i, l_i, acc, m2, l2 = _attend_sub_block(
-                    q, acc, m_i, l_i, m2, l2, sel, cur, cn, K, V, KS, VS, PT, b, g, nkv, d, ks, lk, lim_r, total_k,
+                    q, acc, m_i, l_i, m2, l2, sel, cur, cn, K, V, KS, VS, PT, bc, g, nkv, d, ks, lk, lim_r, total_k,
                     num_pages, sk_0, sk_1, sk_2, sk_3, sv_0, sv_1, sv_2, sv_3, spt_b, spt_p, qks, tau_ratio,
                     CAUSAL, PAGED, HAS_TAU, CDT, KV_FMT, BNS, D, FP4_DEC)
         else:
             # number of distinct blocks of the tile (so that the main loop is a `for`), then next-minimum
             srow = (g.to(tl.int64) * total_q + t_r) * CAP
-            ids_r = tl.load(SLOTS + srow[:, None] + cc[None, :], mask=row_ok[:, None], other=-1)
+            ids_r = tl.load(SLOTS + srow[:, None] + cc[None, :], mask=own_r[:, None], other=-1)
             ok_r = (ids_r >= 0) & (ids_r < nb)
             if CAUSAL:
                 ok_r = ok_r & (ids_r * BN <= lim_r[:, None])
@@ -333,7 +348,7 @@ def _prefill_fwd_kernel(
                 for hh in tl.static_range(BN // BNS):
                     cn = hh * BNS + tl.arange(0, BNS)
                     m_i, l_i, acc, m2, l2 = _attend_sub_block(
-                        q, acc, m_i, l_i, m2, l2, sel, cur, cn, K, V, KS, VS, PT, b, g, nkv, d, ks, lk, lim_r,
+                        q, acc, m_i, l_i, m2, l2, sel, cur, cn, K, V, KS, VS, PT, bc, g, nkv, d, ks, lk, lim_r,
                         total_k, num_pages, sk_0, sk_1, sk_2, sk_3, sv_0, sv_1, sv_2, sv_3, spt_b, spt_p, qks,
                         tau_ratio, CAUSAL, PAGED, HAS_TAU, CDT, KV_FMT, BNS, D, FP4_DEC)
 
@@ -349,6 +364,7 @@ def _prefill_fwd_kernel(
                     o = o * (tl.load(VG) * FP4_POW2)
                 else:
                     o = o * FP4_POW2
+            o = tl.where(nonempty[:, None], o, 0.0)  # empty rows stay exactly 0 (even with an inf/NaN v_global)
         orow = t_r.to(tl.int64) * Hq + head
         tl.store(O + orow[:, None] * D + d[None, :], o.to(CDT), mask=row_ok[:, None])
         lse = tl.where(nonempty, (m_i + tl.log2(l_safe)) * LN2, float("-inf"))
@@ -475,7 +491,7 @@ def aot_configs(arch: int, full: bool = False):
                         args = {n: "i32:D" for n in _prefill_fwd_kernel.arg_names}
                         args.update(Q="*" + torch_to_tl_name(qd), K="*" + torch_to_tl_name(kd),
                                     V="*" + torch_to_tl_name(kd), O="*" + torch_to_tl_name(od), LSE="*fp32",
-                                    LSET="*fp32", SLOTS="*i32", CUQ="*i32", CUK="*i32", PT="*i32", SEQU="*i32",
+                                    LSET="*fp32", SLOTS="*i32", INFO="*i32", CUQ="*i32", CUK="*i32", PT="*i32", SEQU="*i32",
                                     ULIST="*i64", KS="*u8" if nv else "*i32", VS="*u8" if nv else "*i32",
                                     KG="*fp32" if gs[0] else "*i32", VG="*fp32" if gs[1] else "*i32",
                                     sq_d=1, sk_3=1 if paged else "i32:D", sk_2="i32:D" if paged else 1,
@@ -528,7 +544,9 @@ def _prefill_launch(q, k, v, row_ptr, q_idx, cu_q, cu_k, page_table, seqused_k, 
     cu_q = cu_q.contiguous()
     cu_k = cu_k.contiguous()
     cap = slot_capacity(topk)
-    slots = invert_csr_slots(row_ptr, q_idx, cu_q, cu_k, total_q, cap)
+    # slots: per-(KV head, token) block sets; info: the query-row windows / owned rows of every request
+    # (the kernel writes every output row, so O / LSE need no initialisation pass)
+    slots, info = invert_csr_slots(row_ptr, q_idx, cu_q, cu_k, total_q, cap)
     bmt, bns, nw, ns, use_list = _launch_config(G, q.device, nvfp4 is not None)
     n_tiles = (total_q + batch * (bmt - 1)) // bmt + 1
     # per-program scratch for the ascending block list of the tile (only the first n_u entries are written)
@@ -552,7 +570,7 @@ def _prefill_launch(q, k, v, row_ptr, q_idx, cu_q, cu_k, page_table, seqused_k, 
     else:
         kv_fmt, (ksc, vsc, kgs, vgs) = 1, nvfp4
     _prefill_fwd_kernel[(n_tiles, hkv)](
-        q, k, v, out, lse, lse_t if with_tau else lse, slots, cu_q, cu_k,
+        q, k, v, out, lse, lse_t if with_tau else lse, slots, info, cu_q, cu_k,
         page_table if paged else dummy, seqused_k if seqused_k is not None else dummy, ulist,
         ksc, vsc, kgs if kgs is not None else dummy, vgs if vgs is not None else dummy,
         q.stride(0), q.stride(1), q.stride(2),
