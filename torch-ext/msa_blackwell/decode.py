@@ -11,11 +11,19 @@ shape-only split policy, so equivalent inputs give bitwise-identical outputs:
 
 Split-KV workspaces. When the policy splits the KV work of a (request, KV head), the kernel needs
 fp32 partials and a zeroed int32 counter per (request, KV head, M tile); the counter is reset to
-zero by the kernel itself after use. The functional entry points allocate both per call
-(``torch.empty`` partials + ``torch.zeros`` counter, i.e. one memset), which is safe under CUDA
-graph capture (the memset is captured) and across concurrent streams. The wrapper allocates them
-once in ``plan`` (zeroed eagerly there) and reuses them in every ``run``: one launch per run. As a
+zero by the kernel itself after use. Eager functional calls reuse one workspace set per (device,
+stream) (``_eager_workspaces``); calls made while a stream is being captured into a CUDA graph, and
+calls traced by torch.compile (the custom ops), allocate their own (``torch.empty`` partials +
+``torch.zeros`` counter), so a graph never shares scratch memory with anything else. The wrapper
+allocates them once in ``plan`` and reuses them in every ``run``: one launch per run. As a
 consequence, one planned wrapper must not run concurrently on two streams.
+
+Eager fast path. Each functional entry point validates a call signature (dtypes, shapes, strides,
+devices and host arguments, ``_launch.tensor_key``) once and caches the launch plan for it; later
+eager calls with that signature skip the checks and the custom-op dispatcher and launch the compiled
+Triton kernel directly (``_launch.TritonLauncher``). ``wrapper.run`` caches the signatures of its
+``(q, k, v, out, lse)`` against the plan. Under ``torch.compile`` every call goes through the custom
+ops (``_sparse_decode_fwd`` and friends), which compute the same launch.
 
 FP8 (e4m3) KV is read as fp8 and widened to q's dtype in registers right before each ``tl.dot``; the
 MMA shapes and accumulation order are the same as for bf16 KV, but the two are different Triton
