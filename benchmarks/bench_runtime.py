@@ -71,12 +71,12 @@ def _read_only_kernel(K, V, PT, IDX, OUT, B, TOPK_C: tl.constexpr, BS_C: tl.cons
     tl.store(OUT + pid * D_C + cols, tl.sum(acc, 0))
 
 
-def _table_direct(msa, timing, k_hnd, v_hnd, kc, vc, copy_bw, dk):
+def _table_direct(msa, timing, k_hnd, v_hnd, kc, vc, copy_bw, dk, kv_names=("bf16", "fp8")):
     dev = k_hnd.device
     k_view = kc.view(POOL_PAGES, BS, HKV, D).permute(0, 2, 1, 3)
     v_view = vc.view(POOL_PAGES, BS, HKV, D).permute(0, 2, 1, 3)
     rows = []
-    for kv_name in ("bf16", "fp8"):
+    for kv_name in kv_names:
         if kv_name == "fp8":
             kh, vh = k_hnd.to(torch.float8_e4m3fn), v_hnd.to(torch.float8_e4m3fn)
             kt, vt = kc.to(torch.float8_e4m3fn), vc.to(torch.float8_e4m3fn)
@@ -99,10 +99,7 @@ def _table_direct(msa, timing, k_hnd, v_hnd, kc, vc, copy_bw, dk):
 
             t_paged = timing.bench_graph(paged, sets)
             res = {"paged HND": t_paged, "paged NHD-view": timing.bench_graph(view, sets)}
-            for mode in ((0, 1) if hasattr(dk, "SLOT_PRE") else (0,)):
-                dk.SLOT_PRE = mode
-                res[f"direct slot_pre={mode}"] = timing.bench_graph(direct, sets)
-            dk.SLOT_PRE = 1
+            res["direct token-major"] = timing.bench_graph(direct, sets)
             nbytes = _bytes(b, elem)
             for name, us in res.items():
                 rows.append({"path": name, "KV": kv_name, "B": b, "us graph": us, "x paged": us / t_paged,
@@ -121,11 +118,9 @@ def _table_latency(msa, timing, k_hnd, v_hnd, copy_bw, dk):
     major = torch.cuda.get_device_properties(dev).major
     key = major if major in dk.DECODE_CONFIGS else 9
     saved = dict(dk.DECODE_CONFIGS[key])
-    variants = [dict(), dict(combine_budget=256 * 1024), dict(combine_budget=512 * 1024),
-                dict(block_n={**saved["block_n"], 128: 32}, combine_budget=512 * 1024),
-                dict(num_warps={**saved["num_warps"], 128: 8}), dict(num_stages=2),
-                dict(num_stages=2, combine_budget=256 * 1024), dict(ctas_per_sm=2, combine_budget=256 * 1024)]
-    for b in (1, 8):
+    variants = [dict(), dict(combine_budget=256 * 1024), dict(combine_budget=64 * 1024),
+                dict(block_n={**saved["block_n"], 128: 32}, combine_budget=512 * 1024)]
+    for b in (1,):
         sets = _sets(b, timing.num_sets(_bytes(b, 2)), dev)
         for var in variants:
             dk.DECODE_CONFIGS[key] = dict(saved, **var)
@@ -231,7 +226,7 @@ def _table_indexer(msa, timing, copy_bw):
     return rows
 
 
-def run(msa, timing, latency_only=False):
+def run(msa, timing, latency_only=False, base=False):
     dev = torch.device("cuda")
     dk = importlib.import_module(msa.__name__ + ".decode_kernel")
     copy_bw = getattr(timing, "COPY_BW", None) or timing.measure_copy_bandwidth()
@@ -244,8 +239,13 @@ def run(msa, timing, latency_only=False):
         return _table_latency(msa, timing, k_hnd, v_hnd, copy_bw, dk)
     rows += _table_eager(msa, timing, k_hnd, v_hnd, kc, vc)
     rows += _table_indexer(msa, timing, copy_bw)
-    rows += _table_direct(msa, timing, k_hnd, v_hnd, kc, vc, copy_bw, dk)
+    rows += _table_direct(msa, timing, k_hnd, v_hnd, kc, vc, copy_bw, dk, ("bf16",) if base else ("bf16", "fp8"))
     return rows
+
+
+def run_base(msa, timing):
+    """Tables 1 (bf16 only), 3 and 4: the before-measurement on a checkout of an earlier commit."""
+    return run(msa, timing, base=True)
 
 
 def run_latency(msa, timing):

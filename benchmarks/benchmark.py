@@ -33,7 +33,8 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 REPO_ID = "flashrt/MiniMaxAI-msa-blackwell"
 # section name -> module (and function, default ``run``), where not bench_<name>.run
-SECTION_MODULES = {"nvfp4_attn": "bench_nvfp4_attention", "latency": "bench_runtime:run_latency"}
+SECTION_MODULES = {"nvfp4_attn": "bench_nvfp4_attention", "latency": "bench_runtime:run_latency",
+                   "runtime_base": "bench_runtime:run_base"}
 
 
 class MsaDecodeBenchmark(Benchmark):

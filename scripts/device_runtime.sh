@@ -15,13 +15,13 @@ wait
 SECTIONS=${2:-runtime}
 if [ -d .base ]; then
   (cd .base && LOCAL_KERNELS="flashrt/MiniMaxAI-msa-blackwell=$PWD" timeout 210 python3 benchmarks/benchmark.py \
-     --sections "$SECTIONS" > "$OUT/bench_base.log" 2>&1); echo "== base bench rc=$?"
+     --sections runtime_base > "$OUT/bench_base.log" 2>&1); echo "== base bench rc=$?"
   grep -v "^row\|^lat\|^eager\|^idx" "$OUT/bench_base.log" | tail -60
 fi
 export LOCAL_KERNELS="flashrt/MiniMaxAI-msa-blackwell=$PWD"
 timeout 240 python3 benchmarks/benchmark.py --sections "$SECTIONS" > "$OUT/bench.log" 2>&1; echo "== bench rc=$?"
 grep -v "^row\|^lat\|^eager\|^idx" "$OUT/bench.log" | tail -80
 for f in $1; do
-  timeout 120 python3 -m pytest "tests/$f" -q -x -p no:cacheprovider > "$OUT/${f%.py}.log" 2>&1
+  timeout 100 python3 -m pytest "tests/$f" -q -x -p no:cacheprovider > "$OUT/${f%.py}.log" 2>&1
   echo "== $f rc=$?: $(tail -1 "$OUT/${f%.py}.log")"; grep -E "^(FAILED|ERROR)" "$OUT/${f%.py}.log" | head -5
 done
