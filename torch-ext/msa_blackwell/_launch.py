@@ -6,8 +6,8 @@ declaration order (constexprs included). The first launch of a *configuration* g
 caller's static key plus the 16-byte alignment of every tensor argument (the only per-call property Triton
 specialises on that the static key does not already fix: the caller's key must cover dtypes, shapes, strides,
 host ints and constexprs). Later launches call the compiled kernel's C launcher directly, skipping Triton's
-Python argument binding and specialisation. Launch hooks (profilers) or an interpreter run always take the normal
-path.
+Python argument binding and specialisation (Triton's launch hooks, if a profiler set any, are still called). The
+interpreter always takes the normal path.
 
 ``SignatureCache``: a bounded dict for validated call signatures (``key -> whatever the caller derived``).
 ``tensor_key(t)``: a cheap hashable description of one tensor (dtype, shape, strides, device index).
@@ -72,20 +72,19 @@ class TritonLauncher:
         this launch (None: always the normal Triton path)."""
         direct = _DIRECT_OK and key is not None and args[0].is_cuda and not interpreter_active()
         if direct:
-            if _knobs.runtime.launch_enter_hook is not None or _knobs.runtime.launch_exit_hook is not None:
-                direct = False
-        if direct:
             align = 0
             for a in args:
                 if isinstance(a, torch.Tensor):
-                    align = (align << 1) | (a.data_ptr() & 15 == 0)
+                    align = (align << 1) | ((a.data_ptr() & 15) == 0)
             full = (key, align, num_warps, num_stages, args[0].get_device())
             ck = self.compiled.get(full)
             if ck is not None:
                 g = grid + (1, 1)
                 stream = torch._C._cuda_getCurrentRawStream(args[0].get_device())
+                enter, leave = _knobs.runtime.launch_enter_hook, _knobs.runtime.launch_exit_hook
+                meta = None if enter is None else ck.launch_metadata(grid, stream, *args)  # profilers' hooks
                 try:
-                    ck.run(g[0], g[1], g[2], stream, ck.function, ck.packed_metadata, None, None, None, *args)
+                    ck.run(g[0], g[1], g[2], stream, ck.function, ck.packed_metadata, meta, enter, leave, *args)
                     return
                 except (TypeError, ValueError, AttributeError):  # launcher ABI of another Triton: argument parsing
                     _disable_direct()                            # fails before any launch; use Triton's path

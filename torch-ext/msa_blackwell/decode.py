@@ -483,7 +483,8 @@ def sparse_decode_atten_func(q, k, v, q2k_indices=None, *, page_table, seqused_k
     materialised). Scales with non-uint8 k/v, or uint8 k/v without scales: ValueError naming the
     argument; other errors as API.md 5.13's table.
     """
-    if k_scale_128x4 is None and v_scale_128x4 is None and k_global_scale is None and v_global_scale is None:
+    if (k_scale_128x4 is None and v_scale_128x4 is None and k_global_scale is None and v_global_scale is None
+            and eager()):
         try:
             key = ("official", tensor_key(q), tensor_key(k), tensor_key(v), tensor_key(q2k_indices),
                    tensor_key(page_table), tensor_key(seqused_k),
@@ -496,7 +497,7 @@ def sparse_decode_atten_func(q, k, v, q2k_indices=None, *, page_table, seqused_k
             ent = _SIG.put(key, (_plan_for(q, k, q2k_indices, page_table, LAYOUT_HND, BLK_KV, int(seqlen_q),
                                            _dense_hint(page_table, max_seqlen_k)),
                                  default_scale(softmax_scale, HEAD_DIM)))
-        if ent is not None and eager():
+        if ent is not None:
             out, lse = _run_eager(ent[0], key, LAYOUT_HND, q, k, v, q2k_indices, page_table, seqused_k, None, None,
                                   bool(causal), ent[1], bool(return_softmax_lse))
             return (out, lse) if return_softmax_lse else out
@@ -609,14 +610,16 @@ class SparseDecodePagedAttentionWrapper:
         """
         if not self._planned:
             raise RuntimeError("decode wrapper must be planned before run")
-        if k_scale_128x4 is None and v_scale_128x4 is None and k_global_scale is None and v_global_scale is None:
+        key = None
+        if (k_scale_128x4 is None and v_scale_128x4 is None and k_global_scale is None and v_global_scale is None
+                and eager()):
             try:
                 key = (tensor_key(q), tensor_key(k), tensor_key(v), tensor_key(out), tensor_key(lse),
                        _host_key(softmax_scale, return_softmax_lse))
                 ent = self._run_sigs.get(key)
             except (AttributeError, TypeError):
                 key = ent = None
-            if ent is not None and eager():
+            if ent is not None:
                 p, scale, lkey = ent
                 if out is None:
                     out = torch.empty(q.shape, dtype=p[1], device=q.device)
@@ -630,8 +633,6 @@ class SparseDecodePagedAttentionWrapper:
                        ml_part=self._ml_partial, counter=self._counter, causal=self.causal, scale=scale,
                        write_lse=bool(return_softmax_lse), key=lkey)
                 return (out, lse) if return_softmax_lse else out
-        else:
-            key = None
         k, v, fp4 = _resolve_kv(k, v, k_scale_128x4, v_scale_128x4, k_global_scale, v_global_scale)
         check_tensor("q", q, ndim=3)
         check_tensor("k", k, ndim=4)
@@ -742,14 +743,16 @@ def flash_decode_with_gqa_share_sparse(q, sink, k_cache, v_cache, req_to_token, 
     NVFP4 (uint8 / ``Nvfp4QuantizedTensor``) caches are not supported here (MsaUnsupportedError): use
     ``sparse_decode_atten_func`` or ``SparseDecodePagedAttentionWrapper`` (paged HND) for NVFP4 K/V.
     """
+    key = ent = None
     try:
-        key = ("direct", tensor_key(q), tensor_key(sink), tensor_key(k_cache), tensor_key(v_cache),
-               tensor_key(req_to_token), tensor_key(seq_lens), tensor_key(slot_ids), tensor_key(topk_idx),
-               _host_key(block_size, sm_scale))
-        ent = _SIG.get(key)
+        if eager():
+            key = ("direct", tensor_key(q), tensor_key(sink), tensor_key(k_cache), tensor_key(v_cache),
+                   tensor_key(req_to_token), tensor_key(seq_lens), tensor_key(slot_ids), tensor_key(topk_idx),
+                   _host_key(block_size, sm_scale))
+            ent = _SIG.get(key)
     except (AttributeError, TypeError):
         key = ent = None
-    if ent is not None and eager():
+    if ent is not None:
         return _run_eager(ent[0], key, LAYOUT_TOKEN, q, k_cache, v_cache, topk_idx, req_to_token, seq_lens, slot_ids,
                           sink, True, ent[1], False)[0]
     for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):

@@ -62,6 +62,11 @@ LAYOUT_TOKEN = 1
 #                    exceeded (long dense contexts), up to max_splits
 #   chunk_max        tiles whose index work (ids, dedupe, page lookups) is vectorised per chunk; a
 #                    sparse chunk also holds a [chunk, TOK_P2, TK_P2] compare <= chunk_elems
+#   slot_pre_units   token layout: the slot ids of a chunk's tiles are loaded before its tile loop (K/V
+#                    addresses then depend on registers only) when the grid has at most this many
+#                    programs per SM; above it, per tile (fewer registers, latency hidden by occupancy).
+#                    H100, 32K, top-16, M3 shape: preload 14.3 / 26.1 / 103 us at B = 1 / 8 / 64 (per tile:
+#                    19.5 / 38.8 / 139), but 222 us at B = 128 (per tile: 195)
 # ---------------------------------------------------------------------------------------------
 _BASE = dict(
     block_n={64: 64, 128: 64, 256: 32},
@@ -75,6 +80,7 @@ _BASE = dict(
     big_tiles=32,
     chunk_max=16,
     chunk_elems=4096,
+    slot_pre_units=2,
 )
 DECODE_CONFIGS = {
     # Hopper: 228 KB smem per SM. One program per (b, g) once that fills the SMs once: at B = 64 (256 units)
@@ -148,7 +154,7 @@ class LaunchPlan:
 
     __slots__ = ("B", "Hkv", "G", "SQ", "D", "BS", "topk", "dense", "BLOCK_M", "BLOCK_N", "MT", "TOK_P2",
                  "TK_P2", "tiles_hint", "tiles_per_split", "num_splits", "NS_P2", "units", "num_warps", "num_stages",
-                 "chunk", "grid")
+                 "chunk", "slot_pre", "grid")
 
     def __repr__(self):
         return "LaunchPlan(" + ", ".join(f"{k}={getattr(self, k)}" for k in self.__slots__) + ")"
@@ -213,6 +219,7 @@ def plan_from_config(cfg, sms, *, B, Hkv, G, SQ, D, BS, topk, hint_blocks, split
         chunk = min(chunk, 1 << (lim.bit_length() - 1))
     p.chunk = max(2, chunk)
     p.grid = (p.units * p.num_splits,)
+    p.slot_pre = int(p.grid[0] <= cfg["slot_pre_units"] * sms)
     return p
 
 
@@ -791,9 +798,6 @@ def fp4_prefetch_mode(device: torch.device, k, v) -> int:
     return mode
 
 
-SLOT_PRE = 1  # token layout: slot ids of a chunk loaded before its tile loop (1) or per tile (0)
-
-
 def launch(p: LaunchPlan, *, layout, q, k, v, idx, table, lens, slot_ids, sink, out, lse, o_part, ml_part, counter,
            causal, scale, write_lse, nvfp4=None, key=None):
     """Launch ``msa_decode_kernel``.
@@ -845,9 +849,9 @@ def launch(p: LaunchPlan, *, layout, q, k, v, idx, table, lens, slot_ids, sink, 
             p.Hkv, p.G, p.SQ, max(p.topk, 1), tshape[1], tshape[0], k.shape[0], p.MT, p.tiles_per_split,
             p.tiles_hint, float(scale) * LOG2E,
             layout, p.BS, p.D, p.BLOCK_M, p.BLOCK_N, p.TOK_P2, p.TK_P2, p.num_splits, p.NS_P2, p.chunk, dense,
-            bool(causal), sink is not None, bool(write_lse), *fmt, SLOT_PRE if layout == LAYOUT_TOKEN else 0)
+            bool(causal), sink is not None, bool(write_lse), *fmt, p.slot_pre if layout == LAYOUT_TOKEN else 0)
     if key is not None:  # the plan fixes every constexpr and host int the caller's key does not
-        key = (key, p.grid, p.BLOCK_M, p.BLOCK_N, p.TK_P2, p.tiles_per_split, p.chunk, SLOT_PRE)
+        key = (key, p.grid, p.BLOCK_M, p.BLOCK_N, p.TK_P2, p.tiles_per_split, p.chunk, p.slot_pre)
     _LAUNCHER(p.grid, args, key=key, num_warps=p.num_warps, num_stages=p.num_stages)
 
 
@@ -886,8 +890,9 @@ def _aot_plans(arch: int, nvfp4: bool = False):
                                 for hint in ((1, 32, 1024) if topk == 0 else (0,)):
                                     p = plan_from_config(cfg, sms, B=B, Hkv=Hkv, G=G, SQ=SQ, D=D, BS=BS, topk=topk,
                                                          hint_blocks=hint)
+                                    slot_pre = p.slot_pre if layout == LAYOUT_TOKEN else 0
                                     key = (layout, p.D, p.BS, p.BLOCK_M, p.BLOCK_N, p.TOK_P2, p.TK_P2, p.num_splits,
-                                           p.chunk, p.dense, p.num_warps, p.num_stages)
+                                           p.chunk, p.dense, p.num_warps, p.num_stages, slot_pre)
                                     plans[key] = p
     return plans
 
@@ -900,7 +905,7 @@ def _aot_select(plans, full):
         return list(plans.items())
     best, most = {}, {}
     for key, p in plans.items():
-        cls = (key[0], p.D, p.BLOCK_M, p.dense, p.num_warps, p.num_stages)
+        cls = (key[0], p.D, p.BLOCK_M, p.dense, p.num_warps, p.num_stages, key[-1])
         score = (p.BLOCK_N, p.chunk * p.TOK_P2 * p.TK_P2)
         if cls not in best or score > best[cls][0]:
             best[cls] = (score, key, p)
@@ -977,10 +982,11 @@ def aot_configs(arch: int, full: bool = False):
                         DENSE=p.dense, CAUSAL=causal, HAS_SINK=sink, WRITE_LSE=wlse, CDT=cdt,
                         KV_FMT=KV_NATIVE if dec is None else KV_NVFP4, FP4_DEC=dec or 0,
                         HAS_KG=dec is not None, HAS_VG=dec is not None, FP4_PF=pf,
-                        SLOT_PRE=SLOT_PRE if layout == LAYOUT_TOKEN else 0)
+                        SLOT_PRE=p.slot_pre if layout == LAYOUT_TOKEN else 0)
             kvname = torch_to_tl_name(kd) if dec is None else f"nvfp4 dec{dec} pf{pf}"
             label = (f"{'HND' if layout == LAYOUT_HND else 'TOK'} D{p.D} BS{p.BS} M{p.BLOCK_M} N{p.BLOCK_N} "
-                     f"{'dense' if p.dense else f'tok{p.TOK_P2}xtk{p.TK_P2}'} S{p.num_splits} CH{p.chunk} "
+                     f"{'dense' if p.dense else f'tok{p.TOK_P2}xtk{p.TK_P2}'} S{p.num_splits} CH{p.chunk}"
+                     f"{' pre' if layout == LAYOUT_TOKEN and p.slot_pre else ''} "
                      f"q{torch_to_tl_name(qd)}/kv{kvname}"
                      + (f" c{int(causal)}s{int(sink)}l{int(wlse)}" if full else ""))
             out.append(AotConfig(msa_decode_kernel, args, p.num_warps, p.num_stages, label, hot=True))
