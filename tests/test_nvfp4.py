@@ -14,7 +14,9 @@ import torch
 
 from .helpers import msa
 
-pytestmark = pytest.mark.filterwarnings("ignore:divide by zero:RuntimeWarning")
+pytestmark = [pytest.mark.filterwarnings("ignore:divide by zero:RuntimeWarning"),
+              pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning"),
+              pytest.mark.filterwarnings("ignore:All-NaN slice encountered:RuntimeWarning")]
 
 nv = importlib.import_module(msa.__name__ + ".nvfp4")
 
@@ -81,12 +83,17 @@ def ref_off(r, c, cols):
 
 
 def ref_quantize(x: torch.Tensor):
-    """§5.8 in numpy float32. Returns (data uint8 [R, D/2], scale bytes [R', C'], global fp32, codes)."""
+    """§5.8 in numpy float32 plus the NaN policy (docs/POLICIES.md): NaN elements do not enter the amax, and a
+    16-element block holding a NaN gets scale byte 0x7F (NaN) and all-zero codes.
+    Returns (data uint8 [R, D/2], scale bytes [R', C'], global fp32, codes)."""
     xf = x.detach().to(torch.float32).cpu().reshape(-1, x.shape[-1]).numpy().astype(np.float32)
     R, D = xf.shape
     C = D // 16
     RP, CP = -(-R // 128) * 128, -(-C // 4) * 4
-    amax = F32(np.abs(xf).max()) if xf.size else F32(0)
+    nan_blk = np.isnan(xf.reshape(R, C, 16)).any(axis=2)
+    xf_ok = np.where(np.isnan(xf), F32(0), xf)  # |x| >= 0, so a NaN replaced by 0 never raises the amax
+    amax = F32(np.abs(xf_ok).max()) if xf.size else F32(0)
+    xf = xf_ok
     with np.errstate(divide="ignore", over="ignore"):
         s_enc = F32(2688.0) / amax if amax != 0 else F32(np.inf)
     s_enc = min(s_enc, FLT_MAX)
@@ -101,7 +108,9 @@ def ref_quantize(x: torch.Tensor):
     prod = (sf * inv_s).astype(np.float32)
     with np.errstate(divide="ignore"):
         coef = np.minimum(F32(1.0) / prod, FLT_MAX).astype(np.float32)
-    codes = ref_e2m1((blocks * coef[:, :, None]).astype(np.float32)).reshape(R, D)
+    sc = np.where(nan_blk, 0x7F, sc)
+    codes = ref_e2m1((blocks * coef[:, :, None]).astype(np.float32))
+    codes = np.where(nan_blk[:, :, None], 0, codes).reshape(R, D)
     data = (codes[:, 0::2] | (codes[:, 1::2] << 4)).astype(np.uint8)
     scale = np.zeros(RP * CP, dtype=np.uint8)
     for r in range(R):
@@ -302,6 +311,55 @@ def test_quantize_errors(device, monkeypatch):
             quantize(torch.randn(4, 32).half())
 
 
+@pytest.mark.kernels_ci
+def test_quantize_nan_blocks(device):
+    """NaN policy: a NaN makes its 16-element block NaN after dequantisation (scale byte 0x7F, codes 0) and
+    changes nothing else (the amax ignores it); it used to be encoded silently as 0."""
+    dt = _cpu_dtype(device)
+    x = _mixed((6, 64), dt, "cpu")
+    x[0, 3] = float("nan")             # block (0, 0)
+    x[2, 16:32] = float("nan")         # the whole block (2, 1)
+    x[5, 63] = -float("nan")           # block (5, 3), negative NaN
+    x[4, 40] = 1000.0                  # the amax sits in a finite block
+    x = x.to(device)
+    q = check_quant_exact(x)
+    out = dequantize(q).float().cpu().reshape(6, 4, 16)
+    nan_blk = torch.zeros(6, 4, dtype=torch.bool)
+    nan_blk[0, 0] = nan_blk[2, 1] = nan_blk[5, 3] = True
+    assert torch.isnan(out[nan_blk]).all() and not torch.isnan(out[~nan_blk]).any()
+    assert float(q.global_scale[0]) == float(F32(1000.0) / F32(2688.0))
+    # the other blocks are exactly those of the input with the NaN blocks zeroed
+    z = x.clone()
+    z.view(6, 4, 16)[nan_blk.to(device)] = 0
+    qz = quantize(z)
+    keep = ~nan_blk.view(6, 4, 1).expand(6, 4, 8).reshape(6, 32)
+    assert torch.equal(q.data.cpu()[keep], qz.data.cpu()[keep])
+    assert torch.equal(q.global_scale, qz.global_scale)
+    # the native (Triton) dequantiser agrees: same NaN pattern, the other values bit for bit
+    nat = native_dequant(q.data, q.scale_128x4, q.global_scale).cpu()
+    ref = dequantize(q)
+    assert torch.equal(torch.isnan(nat), torch.isnan(ref))
+    assert torch.equal(_bf16_bits(nat)[~torch.isnan(ref)], _bf16_bits(ref)[~torch.isnan(ref)])
+
+
+@pytest.mark.kernels_ci
+def test_quantize_all_nan_and_kv_pair(device):
+    dt = _cpu_dtype(device)
+    x = torch.full((3, 32), float("nan"), dtype=dt, device=device)
+    q = check_quant_exact(x)
+    assert float(q.global_scale[0]) == 0.0 and int(q.data.sum()) == 0
+    assert torch.isnan(dequantize(q).float()).all()
+    k = _mixed((4, 2, 32), dt, device)
+    v = _mixed((4, 2, 32), dt, device)
+    k[1, 0, 5] = float("nan")
+    qk, qv = quantize_kv(k, v)
+    for t, qt in ((k, qk), (v, qv)):
+        r = check_quant_exact(t)
+        assert torch.equal(qt.data, r.data) and torch.equal(qt.scale_128x4, r.scale_128x4)
+    assert torch.isnan(dequantize(qk).float()[1, 0, :16]).all()
+    assert not torch.isnan(dequantize(qv).float()).any()
+
+
 def test_quantize_opcheck(device):
     x = _mixed((5, 32), _cpu_dtype(device), device)
     torch.library.opcheck(nv._nvfp4_quantize_op, (x,))
@@ -415,6 +473,75 @@ def test_dequantize_input_handling_and_errors():
     for b in bad:
         with pytest.raises(ValueError):
             dequantize(b)
+
+
+@pytest.mark.kernels_ci
+def test_dequantize_argument_types_and_values():
+    """Argument errors are TypeError (type / dtype) or ValueError (shape / size) naming the argument, never a
+    bare IndexError / AttributeError."""
+    import dataclasses
+
+    q = _random_q((4, 3), 32)
+    for bad in (q.data, None, (1, 2), {"data": q.data}):
+        with pytest.raises(TypeError, match="qx must be an Nvfp4QuantizedTensor"):
+            dequantize(bad)
+    cases = [
+        (dict(global_scale=torch.empty(0)), ValueError, "global_scale"),
+        (dict(global_scale=torch.ones(2)), ValueError, "global_scale"),
+        (dict(global_scale=torch.ones(1, dtype=torch.float64)), TypeError, "global_scale"),
+        (dict(global_scale=torch.ones(1, dtype=torch.int32)), TypeError, "global_scale"),
+        (dict(global_scale=1.0), TypeError, "global_scale"),
+        (dict(global_scale=None), TypeError, "global_scale"),
+        (dict(data=None), TypeError, "qx.data"),
+        (dict(data=q.data.float()), TypeError, "qx.data"),
+        (dict(data=torch.tensor(3, dtype=torch.uint8)), ValueError, "qx.data"),
+        (dict(scale_128x4=[0] * 512), TypeError, "qx.scale_128x4"),
+        (dict(scale_128x4=q.scale_128x4.to(torch.int32)), TypeError, "qx.scale_128x4"),
+        (dict(original_shape=None), TypeError, "qx.original_shape"),
+        (dict(original_shape=(4, 3, 32.0)), TypeError, "qx.original_shape"),
+        (dict(original_shape=()), ValueError, "qx.original_shape"),
+        (dict(logical_scale_shape=(12,)), ValueError, "qx.logical_scale_shape"),
+        (dict(logical_scale_shape=(12, "2")), TypeError, "qx.logical_scale_shape"),
+        (dict(logical_scale_shape=(-12, 2)), ValueError, "qx.logical_scale_shape"),
+    ]
+    for change, exc, name in cases:
+        with pytest.raises(exc, match=name.replace(".", r"\.")):
+            dequantize(dataclasses.replace(q, **change))
+    # global_scale is validated even when it is not applied
+    with pytest.raises(ValueError, match="global_scale"):
+        dequantize(dataclasses.replace(q, global_scale=torch.empty(0)), include_global_scale=False)
+    # a non-finite global scale is a value, not an error: it propagates (docs/POLICIES.md)
+    out = dequantize(dataclasses.replace(q, global_scale=torch.tensor([float("inf")]))).float()
+    base = dequantize(q, include_global_scale=False).float()
+    assert torch.isinf(out[base != 0]).all() and torch.isnan(out[base == 0]).all()  # x * inf, 0 * inf
+    assert torch.isnan(dequantize(dataclasses.replace(q, global_scale=torch.tensor([float("nan")]))).float()).all()
+    # numpy / torch integer shapes are fine
+    assert torch.equal(_bf16_bits(dequantize(dataclasses.replace(q, original_shape=torch.Size((4, 3, 32))))),
+                       _bf16_bits(dequantize(q)))
+
+
+def test_other_nvfp4_helpers_argument_errors(device):
+    s = torch.zeros(8, 4, dtype=torch.uint8)
+    for rows, exc in ((None, TypeError), (1.5, TypeError), (True, TypeError), ("3", TypeError), (-1, ValueError)):
+        with pytest.raises(exc, match="rows"):
+            swizzle(s, rows=rows, cols=2)
+    assert swizzle(s, rows=np.int64(3), cols=np.int32(2)).shape == (128, 4)
+    with pytest.raises(TypeError, match="scale"):
+        swizzle(s.numpy(), rows=1, cols=1)
+    with pytest.raises(TypeError, match="amax"):
+        gs_from_amax(2688.0)
+    with pytest.raises(TypeError, match="amax"):
+        gs_from_amax(torch.ones(1, dtype=torch.complex64))
+    p = torch.zeros(4, 16, dtype=torch.uint8, device=device)
+    sc = torch.zeros(128, 4, dtype=torch.uint8, device=device)
+    with pytest.raises(TypeError, match="global_scale"):
+        native_dequant(p, sc, None)
+    with pytest.raises(ValueError, match="global_scale"):
+        native_dequant(p, sc, torch.empty(0, device=device))
+    with pytest.raises(TypeError, match="packed"):
+        native_dequant(p.float(), sc, 1.0)
+    with pytest.raises(TypeError, match="x"):
+        quantize(p.numpy() if device.type == "cpu" else None)
 
 
 def test_native_dequant_bit_identical(device):
@@ -537,3 +664,17 @@ def test_gpu_transformer_engine_crosscheck(cuda_device):
     mism = (ours.data != te_data).float().mean().item()
     smism = (ours.scale_128x4 != te_scale).float().mean().item()
     print(f"TE {getattr(te, '__version__', '?')}: data byte mismatch {mism:.4%}, scale byte mismatch {smism:.4%}")
+
+
+@pytest.mark.gpu
+def test_gpu_quantize_nan_blocks(cuda_device):
+    """The NaN policy on the GPU (hardware E4M3 conversion path), bf16, large and strided."""
+    x = _mixed((2, 4, 128, 128), torch.bfloat16, cuda_device)
+    x.view(-1)[torch.randperm(x.numel(), device=cuda_device)[:300]] = float("nan")
+    q = check_quant_exact(x)
+    nan_blk = torch.isnan(x.float()).view(-1, 8, 16).any(-1)
+    out = dequantize(q).float().view(-1, 8, 16)
+    assert torch.isnan(out[nan_blk]).all() and not torch.isnan(out[~nan_blk]).any()
+    check_quant_exact(x.permute(0, 2, 1, 3))
+    qk, qv = quantize_kv(x, x.flip(0))
+    assert torch.equal(qk.scale_128x4, q.scale_128x4) and torch.equal(qk.data, q.data)

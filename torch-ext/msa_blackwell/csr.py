@@ -32,14 +32,21 @@ S = 131072 with 2048-entry chunks 644 us (former 961 us):
    entries in ``(t, s)`` order, i.e. the spec's sort by ``(row, i)``. The same program fills its share
    of the ``-1`` tail.
 
-CPU tensors take a pure-PyTorch path (stable ``torch.sort``; it may sync, API.md 3.6) with identical
-results, whether or not a GPU is present; ``_FORCE_TRITON_ON_CPU`` makes CPU inputs run the Triton kernels,
-only while the interpreter is active (``TRITON_INTERPRET=1``, tests).
+Tokens belong to requests by the owner rule of docs/POLICIES.md: token ``t`` belongs to the request
+``b = _find_request(t)`` (a fixed binary search over ``cu_seqlens_q``) if ``cu_q[b] <= t < cu_q[b+1]``,
+else to none. For a non-decreasing ``cu_seqlens_q`` that is the usual request of ``t``; for any other it
+is still one well-defined request (or none) per token, computed identically by every path, so no input
+needs a (host-syncing) monotonicity check. Lengths are differences of int32 values, taken in int64.
+
+CPU tensors take a pure-PyTorch path (stable ``torch.sort``, the same binary search step for step; it may
+sync, API.md 3.6) with identical results, whether or not a GPU is present; ``_FORCE_TRITON_ON_CPU`` makes
+CPU inputs run the Triton kernels, only while the interpreter is active (``TRITON_INTERPRET=1``, tests).
 
 The inverse (used by ``sparse_atten_func`` and ``k2q_to_q2k``): ``_rowinfo_kernel`` maps every row
-``r < T`` back to ``(b, j)`` (or -1), and ``_csr_invert_kernel`` walks every row segment (row
-pointers clamped into ``[0, k2q_q_indices.shape[1]]``, entries outside ``[0, Lq_b)`` ignored) and
-inserts ``j`` into the token's slot set ``slots[g, t, 0:CAP]`` with a lock-free open-addressing set
+``r < T`` back to ``(b, j)`` (or -1) and writes each request's query-row window and owned rows
+(``_request_window``), and ``_csr_invert_kernel`` walks every row segment (row pointers clamped into
+``[0, k2q_q_indices.shape[1]]``, entries outside ``[0, Lq_b)`` or naming a token ``b`` does not own
+ignored) and inserts ``j`` into the token's slot set ``slots[g, t, 0:CAP]`` with a lock-free open-addressing set
 (``atomic_cas``, linear probing from ``j mod CAP``, ``CAP = next_pow2(2*topK)``). Repeated ``(row, i)``
 pairs therefore count once, wherever they sit. The slot *positions* depend on the race order, the
 slot *set* does not; consumers only use the set (ascending iteration, membership), so results are
@@ -722,6 +729,7 @@ def aot_configs(arch: int, full: bool = False):
     for cap in (sorted({slot_capacity(t) for t in range(1, 65)}) if full else (2, 128)):
         out.append(AotConfig(_csr_invert_kernel, dict(rp_ptr="*i32", s_rg="i32:D", s_rr=1, qi_ptr="*i32", s_qg="i32:D",
                                                       s_qn=1, ncols="i32", rb_ptr="*i32", rj_ptr="*i32", cuq_ptr="*i32",
-                                                      info_ptr="*i32", B="i32", total_q="i32", T="i32", slots_ptr="*i32", nsplit="i32", CAP=cap,
-                                                      E=256), 4, 3, f"invert CAP{cap} E256"))
+                                                      info_ptr="*i32", B="i32", total_q="i32", T="i32",
+                                                      slots_ptr="*i32", nsplit="i32", CAP=cap, E=256),
+                             4, 3, f"invert CAP{cap} E256"))
     return dedupe(out)

@@ -219,6 +219,11 @@ def _e4m3_code_to_f32(code):
     return tl.where((code & 0x80) != 0, -val, val)
 
 
+@triton.jit
+def _max_propagate_nan(a, b):
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
 # bits of M = 1.5 * 2^22 (fp32 ulp 0.5) summed at the 8 nibble shifts, mod 2^32
 _E2M1_WORD_BIAS = tl.constexpr((0x4AC00000 * 0x11111111) & 0xFFFFFFFF)
 
@@ -313,10 +318,11 @@ def _nvfp4_quant_kernel(x_ptr, y_ptr, part_ptr, n_parts, data_ptr, data_y_ptr, s
         m = row_ok[:, None] & (cols[None, :] < C * 16)
         x = tl.load(x_ptr + base + roff[:, None] + (cols * sD)[None, :], mask=m, other=0.0)
         x4 = tl.reshape(x.to(tl.float32), [128, 4, 2, 8])
-        v = tl.max(tl.max(tl.abs(x4), axis=3), axis=2) * s_enc6  # [128, 4] (max ignores NaN)
-        # NaN policy: a block holding a NaN gets the NaN scale byte 0x7F and all-zero codes, so it
-        # dequantises to 16 NaNs; the amax pass ignored it, so no other block changes
-        nanb = tl.max(tl.max((x4 != x4).to(tl.int32), axis=3), axis=2) != 0  # [128, 4]
+        # block amax with a NaN-propagating max (max.NaN: same cost as the plain max), so v is NaN exactly for
+        # the blocks holding a NaN. NaN policy: such a block gets the NaN scale byte 0x7F and all-zero codes
+        # (it dequantises to 16 NaNs); the amax pass ignored NaN, so no other block changes
+        v = tl.reduce(tl.reduce(tl.abs(x4), 3, _max_propagate_nan), 2, _max_propagate_nan) * s_enc6  # [128, 4]
+        nanb = v != v
         if HW_CVT:
             f8 = tl.where(v != v, 448.0, v).to(tl.float8e4nv)  # cvt.rn.satfinite; NaN as the integer encoder (448)
             sc = f8.to(tl.uint8, bitcast=True)

@@ -17,6 +17,11 @@ so the MMA operands are exact and the result matches ``sparse_atten_func`` on de
 up to the bf16 rounding of the dequantised elements (§3.5: 2e-2). Memory: besides O / LSE, only the
 CSR-inversion workspace of ``sparse_atten_func`` is allocated (and a contiguous copy of a scale tensor
 if the caller passes a non-contiguous one).
+
+Odd inputs follow docs/POLICIES.md, as ``sparse_atten_func`` (same kernel): query rows outside
+``cu_seqlens_q`` (or not owned under a decreasing ``cu_seqlens_q``) get O = 0 and LSE = -inf; empty rows
+stay exactly 0 even with an inf / NaN ``v_global_scale``; a NaN block scale (``0x7F``, what the quantiser
+writes for a block holding a NaN) makes that block's K/V NaN.
 """
 
 from typing import Optional

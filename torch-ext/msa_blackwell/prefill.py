@@ -13,13 +13,22 @@ Design (query-outer, one Triton kernel family; no host sync, graph-capturable):
    (``CAP = next_pow2(2*topK)``) with a lock-free CAS open-addressing set. This realises the set
    semantics of 5.5 (repeated (row, q) pairs once, entries outside ``[0, Lq_b)`` ignored, row pointers
    clamped) independently of the CSR's order. The slot *set* is deterministic (only positions depend
-   on atomics order), and the attention kernel only uses the set.
-2. **Attention** (``_prefill_fwd_kernel``): one program per (tile of ``BMT`` consecutive query tokens of
-   one request, KV head ``g``); the ``G`` query heads of the group are folded into the MMA M dimension
+   on atomics order), and the attention kernel only uses the set. The same launch writes ``info [3, B+1]``:
+   per request its query-row window and owned rows (``csr._request_window``, docs/POLICIES.md): for a
+   non-decreasing ``cu_seqlens_q`` window ``b`` is ``[cu_q[b], cu_q[b+1])`` clamped into ``[0, total_q]``,
+   except that window 0 starts at row 0 and a last window ``B`` (no request) runs to ``total_q``.
+2. **Attention** (``_prefill_fwd_kernel``): one program per (tile of ``BMT`` consecutive query rows of
+   one window, KV head ``g``); the ``G`` query heads of the group are folded into the MMA M dimension
    (``M = BMT*G`` rows, 64..128 on GPU), so one K/V block load feeds all heads of the group. Tiles never
-   straddle requests: request ``b`` owns tiles ``[s_b, s_b + cdiv(Lq_b, BMT))`` with
-   ``s_b = (cu_q[b] + b*(BMT-1)) // BMT`` (disjoint, computed in-kernel by binary search; the grid is
-   ``(total_q + B*(BMT-1)) // BMT + 1`` tiles, a host-shape bound). The program iterates over the
+   straddle windows: window ``b = [W_b, W_b+1)`` takes tiles ``[s_b, s_b + cdiv(W_b+1 - W_b, BMT))`` with
+   ``s_b = (W_b + b*(BMT-1)) // BMT`` (disjoint, computed in-kernel by binary search; the grid is
+   ``(total_q + B*(BMT-1)) // BMT + 1`` tiles, a host-shape bound, which also covers window ``B``). The
+   windows partition ``[0, total_q)``, so every output row is written exactly once by the kernel, for any
+   ``cu_seqlens_q``: rows the window's request does not own (before ``cu_q[0]``, after ``cu_q[B]``, or
+   another request's under a decreasing ``cu_seqlens_q``) select no block and get O = 0, LSE = -inf, as
+   empty rows do. O / LSE are therefore allocated uninitialised without risk, with no memset pass and no
+   host sync; the cost is a few scalar loads per program and, for rows outside the requests, tiles that
+   only store zeros. The program iterates over the
    **union** of the tile tokens' valid blocks in ascending order (ids already filtered by length,
    page bound and the block-level causal limit). The prologue builds that union once: the ``[BMT, CAP]`` id tile is sorted (``tl.sort``), the
    first of every run is kept (segmented scan) and compacted into a per-program scratch row
@@ -247,20 +256,24 @@ def _prefill_fwd_kernel(
         ks = tl.load(CUK + bc)
         lk = tl.load(CUK + bc + 1).to(tl.int64) - ks
     lk = tl.minimum(tl.maximum(lk, 0), BIG)  # positions x < 2^30 (int32 x = 128*block + c never wraps)
-    # causal limit of local token i: i + lk - lq, as int64, clamped into [-1, BIG] (x is in [0, BIG))
-    coff = lk - lq
+    # causal limit of the tile's token k (row r0 + k, local token r0 + k - qs): r0 - qs + lk - lq + k, taken in
+    # int64 as a scalar and clamped so that adding k < BMT stays in int32; then clamped into [-1, BIG]
+    # (positions x are in [0, BIG))
+    lim0 = tl.minimum(tl.maximum((r0 - qs).to(tl.int64) + lk - lq, -BIG), BIG).to(tl.int32)
     lk = lk.to(tl.int32)
     nb = (lk + BN - 1) // BN
     if PAGED:
         nb = tl.minimum(nb, max_pages)
 
     if (r0 >= w0) & (r0 < w1):
+        # the tile's tokens k in [k_lo, k_hi) are computed (rows the request owns), all k < w1 - r0 stored
+        k_lo = tl.maximum(own_lo - r0, 0)
+        k_hi = tl.minimum(tl.minimum(own_hi, w1) - r0, BMT)
         r = tl.arange(0, M)
         head = g * G + r % G
         t_r = r0 + r // G
-        row_ok = t_r < w1  # stored rows (the tile's rows of its window; W[b+1] <= total_q)
-        own_r = row_ok & (t_r >= own_lo) & (t_r < own_hi)  # computed rows
-        lim_r = tl.minimum(tl.maximum((t_r - qs).to(tl.int64) + coff, -1), BIG).to(tl.int32)
+        own_r = (r // G >= k_lo) & (r // G < k_hi)
+        lim_r = tl.minimum(tl.maximum(lim0 + r // G, -1), BIG)
         d = tl.arange(0, D)
         cc = tl.arange(0, CAP)
 
@@ -274,13 +287,13 @@ def _prefill_fwd_kernel(
 
         # per-token block ids, filtered by length / page bound / block-level causality (every row of a
         # token - its G heads - shares the token's ids and causal limit)
-        t_t = r0 + tl.arange(0, BMT)
-        tok_ok = (t_t < w1) & (t_t >= own_lo) & (t_t < own_hi)
-        stok = (g.to(tl.int64) * total_q + t_t) * CAP
+        kt = tl.arange(0, BMT)
+        tok_ok = (kt >= k_lo) & (kt < k_hi)
+        stok = (g.to(tl.int64) * total_q + r0 + kt) * CAP
         ids_t = tl.load(SLOTS + stok[:, None] + cc[None, :], mask=tok_ok[:, None], other=-1)
         ok_t = (ids_t >= 0) & (ids_t < nb)
         if CAUSAL:
-            lim_t = tl.minimum(tl.maximum((t_t - qs).to(tl.int64) + coff, -1), BIG).to(tl.int32)
+            lim_t = tl.minimum(tl.maximum(lim0 + kt, -1), BIG)
             ok_t = ok_t & (ids_t * BN <= lim_t[:, None])
         ids_t = tl.where(ok_t, ids_t, BIG)
 
@@ -365,7 +378,10 @@ def _prefill_fwd_kernel(
                 else:
                     o = o * FP4_POW2
             o = tl.where(nonempty[:, None], o, 0.0)  # empty rows stay exactly 0 (even with an inf/NaN v_global)
-        orow = t_r.to(tl.int64) * Hq + head
+        # the tile's rows again from scalars (nothing [M]-shaped but the softmax state lives across the loop)
+        t_s = r0 + tl.arange(0, M) // G
+        row_ok = t_s < w1  # stored rows: the tile's rows of its window (W[b+1] <= total_q)
+        orow = t_s.to(tl.int64) * Hq + g * G + tl.arange(0, M) % G
         tl.store(O + orow[:, None] * D + d[None, :], o.to(CDT), mask=row_ok[:, None])
         lse = tl.where(nonempty, (m_i + tl.log2(l_safe)) * LN2, float("-inf"))
         tl.store(LSE + orow, lse, mask=row_ok)
@@ -491,7 +507,8 @@ def aot_configs(arch: int, full: bool = False):
                         args = {n: "i32:D" for n in _prefill_fwd_kernel.arg_names}
                         args.update(Q="*" + torch_to_tl_name(qd), K="*" + torch_to_tl_name(kd),
                                     V="*" + torch_to_tl_name(kd), O="*" + torch_to_tl_name(od), LSE="*fp32",
-                                    LSET="*fp32", SLOTS="*i32", INFO="*i32", CUQ="*i32", CUK="*i32", PT="*i32", SEQU="*i32",
+                                    LSET="*fp32", SLOTS="*i32", INFO="*i32", CUQ="*i32", CUK="*i32", PT="*i32",
+                                    SEQU="*i32",
                                     ULIST="*i64", KS="*u8" if nv else "*i32", VS="*u8" if nv else "*i32",
                                     KG="*fp32" if gs[0] else "*i32", VG="*fp32" if gs[1] else "*i32",
                                     sq_d=1, sk_3=1 if paged else "i32:D", sk_2="i32:D" if paged else 1,
