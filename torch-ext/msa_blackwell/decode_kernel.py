@@ -361,7 +361,7 @@ def _fp4_tile_raw(K, V, KSC, VSC, jsel, pgsel, sel, valid, c, g, Hkv, Lk, sk_0, 
     j = tl.sum(tl.where(sel, jsel, 0)).to(tl.int64)
     j_safe = tl.maximum(j, 0)
     xo = c * BLOCK_N + offs_n
-    kv_ok = valid & (j >= 0) & (j_safe * BS + xo < Lk)
+    kv_ok = tl.where(valid & (j >= 0), j_safe * BS + xo < Lk, False)  # scalar & vector: see the tile loop
     page = tl.sum(tl.where(sel, pgsel, 0)).to(tl.int64)
     k_row = page * sk_0 + g * sk_1 + xo.to(tl.int64) * sk_2
     v_row = page * sv_0 + g * sv_1 + xo.to(tl.int64) * sv_2
@@ -590,7 +590,8 @@ def msa_decode_kernel(
             c = (c0 + it) % TPB
             xo = c * BLOCK_N + offs_n
             x = j_safe * BS + xo
-            kv_ok = tile_ok & (x < Lk)
+            # where, not &: Triton 3.9's interpreter rejects the mask a 0-d reduction result & a vector gives
+            kv_ok = tl.where(tile_ok, x < Lk, False)
             if DENSE:
                 row_mem = row_ok
             else:
