@@ -109,7 +109,9 @@ def _fp4_indexer_kernel(
             page_ok = (page >= 0) & (page < total_pages)
             page_c = tl.where(page_ok, page, 0)
             kbase = k_ptr + page_c * sk0 + g * sk1
-            kbytes = tl.load(kbase + ss[:, None] * sk2 + kb[None, :] * sk3, mask=page_ok, other=0)
+            # a [128, 1] mask, not the scalar page_ok: Triton 3.9's interpreter rejects scalar masks of tiles
+            pmask = tl.where(page_ok, ss[:, None] >= 0, False)
+            kbytes = tl.load(kbase + ss[:, None] * sk2 + kb[None, :] * sk3, mask=pmask, other=0)
             kbytes = kbytes.to(tl.int32) & 0xFF
             if PREORDERED:
                 l_k = page_c * Hkv + g
@@ -118,7 +120,7 @@ def _fp4_indexer_kernel(
                          + grp[None, :] % 4)
             else:
                 ksoff = page_c * kss0 + g * kss1 + ss[:, None] * kss2 + grp[None, :] * kss3
-            ksc = _decode_scale(tl.load(ks_ptr + ksoff, mask=page_ok, other=0), SCALE_KIND)
+            ksc = _decode_scale(tl.load(ks_ptr + ksoff, mask=pmask, other=0), SCALE_KIND)
             k_lo = _e2m1_code_to_f32(kbytes & 15) * ksc
             k_hi = _e2m1_code_to_f32(kbytes >> 4) * ksc
             if USE_TF32:

@@ -122,7 +122,7 @@ def _attend_sub_block(q, acc, m_i, l_i, m2, l2, sel, cur, cn, K, V, KS, VS, PT, 
         page = tl.load(PT + b.to(tl.int64) * spt_b + cur.to(tl.int64) * spt_p)
         pg_ok = (page >= 0) & (page < num_pages)
         pg = tl.where(pg_ok, page, 0).to(tl.int64)
-        col_ok = col_ok & pg_ok
+        col_ok = tl.where(pg_ok, col_ok, False)  # not `&`: Triton 3.9's interpreter rejects scalar & vector masks
         if KV_FMT == 1:
             kbo = pg * sk_0 + g * sk_1 + cn.to(tl.int64) * sk_2
             vbo = pg * sv_0 + g * sv_1 + cn.to(tl.int64) * sv_2
