@@ -16,7 +16,7 @@ def load_msa():
     """``get_kernel`` through ``LOCAL_KERNELS`` (offline), exactly as users load the Hub package.
 
     ``MSA_TEST_SOURCE_TREE=1`` is a developer shortcut that imports ``torch-ext/msa_blackwell``
-    without a build (no native ops); CI never sets it.
+    without a build (no native ops); CI sets it only for the newest-Triton subset (scripts/test_next_triton.sh).
     """
     if os.environ.get("MSA_TEST_SOURCE_TREE") == "1":
         import importlib
