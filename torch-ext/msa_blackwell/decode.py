@@ -150,7 +150,7 @@ def _eager_workspaces(p, device):
     return ws
 
 
-def _run_eager(p, key, layout, q, k, v, idx, table, lens, slot_ids, sink, causal, scale, return_lse, nvfp4=None):
+def _run_eager(p, key, layout, q, k, v, idx, table, lens, slot_ids, sink, causal, scale, return_lse):
     """Eager launch without the custom-op dispatcher (same kernel, same plan): ``(out, lse or None)``."""
     t, hq, d = q.shape
     out = torch.empty((t, hq, d), dtype=_out_dtype(q.dtype), device=q.device)
@@ -163,7 +163,7 @@ def _run_eager(p, key, layout, q, k, v, idx, table, lens, slot_ids, sink, causal
     o_part, ml_part, counter = _eager_workspaces(p, q.device)
     launch(p, layout=layout, q=q, k=k, v=v, idx=idx, table=table, lens=lens, slot_ids=slot_ids, sink=sink, out=out,
            lse=lse, o_part=o_part, ml_part=ml_part, counter=counter, causal=causal, scale=scale,
-           write_lse=return_lse, nvfp4=nvfp4, key=key)
+           write_lse=return_lse, key=key)
     return out, lse
 
 
@@ -574,6 +574,7 @@ class SparseDecodePagedAttentionWrapper:
         self._hint_blocks = _dense_hint(page_table, self.max_seqlen_k)
         topk = 0 if q2k_indices is None else q2k_indices.shape[2]
         self._split_override = {}
+        self._plans = {}  # K/V format (NVFP4 or not) -> launch plan, for run()'s fast path
         sizes = []
         for fp4 in (False, True):
             kw = dict(B=b, Hkv=self.num_kv_heads, G=g, SQ=self.seqlen_q, D=self.head_dim, BS=BLK_KV, topk=topk,
@@ -586,6 +587,7 @@ class SparseDecodePagedAttentionWrapper:
                 ov = 0
             self._split_override[fp4] = ov
             p = make_plan(page_table.device, split_override=ov, max_grid=self._max_grid, **kw)
+            self._plans[fp4] = p
             if not fp4:
                 self.split_kv = p.num_splits > 1
                 self.num_splits = p.num_splits
@@ -668,11 +670,7 @@ class SparseDecodePagedAttentionWrapper:
             lse_buf = self._lse_dummy
         scale = default_scale(softmax_scale, self.head_dim)
         if fp4 is None and key is not None:  # validated: later runs with this signature skip the checks
-            p = make_plan(q.device, B=self.batch, Hkv=self.num_kv_heads, G=self.num_qo_heads // self.num_kv_heads,
-                          SQ=self.seqlen_q, D=self.head_dim, BS=BLK_KV,
-                          topk=0 if self.q2k_indices is None else self.q2k_indices.shape[2],
-                          hint_blocks=self._hint_blocks, split_override=self._split_override[False],
-                          max_grid=self._max_grid)
+            p = self._plans[False]
             lkey = ("wrapper", key, tensor_key(self.q2k_indices), tensor_key(self.page_table),
                     tensor_key(self.seqused_k), self.seqlen_q, self.causal, p.grid, p.tiles_per_split)
             self._run_sigs.put(key, ((p, out_dtype), scale, lkey))
@@ -765,10 +763,9 @@ def flash_decode_with_gqa_share_sparse(q, sink, k_cache, v_cache, req_to_token, 
     if key is not None:
         p = None if k_cache.shape[0] == 0 or q.shape[0] == 0 else _plan_for(
             q, k_cache, topk_idx, req_to_token, LAYOUT_TOKEN, int(block_size), 1, 0)
-        _SIG.put(key, (p, scale))
-        if eager():
-            return _run_eager(p, key, LAYOUT_TOKEN, q, k_cache, v_cache, topk_idx, req_to_token, seq_lens, slot_ids,
-                              sink, True, scale, False)[0]
+        _SIG.put(key, (p, scale))  # key is only set in eager mode
+        return _run_eager(p, key, LAYOUT_TOKEN, q, k_cache, v_cache, topk_idx, req_to_token, seq_lens, slot_ids,
+                          sink, True, scale, False)[0]
     out, _ = _sparse_decode_fwd(q, k_cache, v_cache, topk_idx, req_to_token, seq_lens, slot_ids, sink, LAYOUT_TOKEN,
                                 int(block_size), 1, True, scale, 0, False)
     return out
