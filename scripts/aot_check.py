@@ -37,7 +37,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-MODULES = ("decode_kernel", "prefill", "csr", "nvfp4", "indexer")
+MODULES = ("decode_kernel", "prefill", "csr", "nvfp4", "fp4_indexer", "indexer")
 
 _CONFIGS = {}  # (arch) -> list[AotConfig], filled before the pool forks
 

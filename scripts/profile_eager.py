@@ -29,7 +29,17 @@ idx = torch.randint(0, 256, (HKV, 1, 16), device=dev, dtype=torch.int32)
 kc = torch.randn(P * BS, HKV, D, device=dev, dtype=torch.bfloat16)
 r2t = torch.arange(32768, device=dev, dtype=torch.int32).view(1, -1)
 sid = torch.zeros(1, device=dev, dtype=torch.int32)
+w = msa.SparseDecodePagedAttentionWrapper().plan(page_table=pt, seqused_k=sk, seqlen_q=1, max_seqlen_k=32768,
+                                                 q2k_indices=idx, num_qo_heads=HQ, num_kv_heads=HKV, head_dim=D)
+o = torch.empty_like(q)
+iq = torch.randn(1, 4, D, device=dev, dtype=torch.bfloat16)
+ik = torch.randn(P * BS, 1, D, device=dev, dtype=torch.bfloat16)
+scores = torch.randn(4, 1, 256, device=dev)
 calls = {
+    "wrapper": lambda: w.run(q, k, v, out=o),
+    "indexer": lambda: msa.flash_decode_with_topk_idx(iq, None, ik, None, r2t, sk, 32768, sid, BS, 16, 1, 2,
+                                                      disable_index_value=True),
+    "topk": lambda: msa.native_topk_from_scores(scores, sk, BS, 16, force_local_blocks=2),
     "official": lambda: msa.sparse_decode_atten_func(q, k, v, idx, page_table=pt, seqused_k=sk, seqlen_q=1,
                                                      max_seqlen_k=32768),
     "direct": lambda: msa.flash_decode_with_gqa_share_sparse(q, None, kc, kc, r2t, sk, sid, BS, idx),
@@ -49,7 +59,7 @@ for name, fn in calls.items():
     t2 = time.perf_counter()
     print(f"{name}: host {1e6 * (t1 - t0) / 500:.1f} us/call, wall {1e6 * (t2 - t0) / 500:.1f} us/call")
 print("direct ok", lm._DIRECT_OK, "compiled", len(dk._LAUNCHER.compiled))
-for name in ("official", "direct"):
+for name in ("official", "wrapper", "direct", "indexer", "topk"):
     pr = cProfile.Profile()
     pr.enable()
     for _ in range(300):

@@ -40,6 +40,7 @@ NS = msa._registry.add_op_namespace_prefix("x").split("::")[0]
 csr_mod = importlib.import_module(msa.__name__ + ".csr")
 dec_mod = importlib.import_module(msa.__name__ + ".decode")
 ix_mod = importlib.import_module(msa.__name__ + ".indexer")
+fx_mod = importlib.import_module(msa.__name__ + ".fp4_indexer")
 kern_mod = importlib.import_module(msa.__name__ + ".decode_kernel")
 
 # Triton-backed custom ops (torch.library.custom_op, always registered).
@@ -248,7 +249,7 @@ def _case_fp4_indexer_block_scores(device, dtype):
     c = fp4_case("nvfp4", Hq=2, Hkv=1, seq_q=[3, 0, 2], seq_k=[130, 9, 300], pages=[2, 1, 2])  # req 2 lacks a page
     d = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in c.items()}
     pub = (d["q"], d["k"], d["qs"], d["ks"], d["cu_q"], d["cu_k"], d["cu_p"], d["kv_indices"], None, 3, 300,
-           ix_mod.FMT_NVFP4, ix_mod.SK_E4M3, False, False)
+           fx_mod.FMT_NVFP4, fx_mod.SK_E4M3, False, False)
     m = fp4_case("mxfp4", Hq=2, Hkv=2, seq_q=[4, 1], seq_k=[200, 50], pages=[2, 1])
     Gs = m["qs"].shape[-1]
     P, hkv = m["k"].shape[:2]
@@ -256,7 +257,7 @@ def _case_fp4_indexer_block_scores(device, dtype):
     ks = _preorder(m["ks"].reshape(P * hkv, 128, Gs)).to(device)
     qo = torch.tensor([150, -2], dtype=torch.int32, device=device)
     pre = (m["q"].to(device), m["k"].to(device), qs, ks, m["cu_q"].to(device), m["cu_k"].to(device),
-           m["cu_p"].to(device), m["kv_indices"].to(device), qo, 4, 200, ix_mod.FMT_MXFP4, ix_mod.SK_E8M0, True, True)
+           m["cu_p"].to(device), m["kv_indices"].to(device), qo, 4, 200, fx_mod.FMT_MXFP4, fx_mod.SK_E8M0, True, True)
     return [("nvfp4_public", pub, None), ("mxfp4_preordered_causal_qo", pre, None)]
 
 

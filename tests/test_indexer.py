@@ -9,7 +9,8 @@ import torch
 from .helpers import msa
 
 ix = importlib.import_module(msa.__name__ + ".indexer")
-fp4_indexer_block_scores = getattr(msa, "fp4_indexer_block_scores", None) or ix.fp4_indexer_block_scores
+fx = importlib.import_module(msa.__name__ + ".fp4_indexer")
+fp4_indexer_block_scores = getattr(msa, "fp4_indexer_block_scores", None) or fx.fp4_indexer_block_scores
 
 E2M1 = torch.tensor([0, 0.5, 1, 1.5, 2, 3, 4, 6, -0.0, -0.5, -1, -1.5, -2, -3, -4, -6], dtype=torch.float64)
 E8M0 = getattr(torch, "float8_e8m0fnu", None)
@@ -183,9 +184,9 @@ def test_opcheck(device):
     c = _make_case("nvfp4", Hq=2, Hkv=1, seq_q=[3, 2], seq_k=[130, 5], pages=[2, 1])
     f8 = torch.float8_e4m3fn
     args = (c["q"].to(device), c["k"].to(device), c["qs"].to(device), c["ks"].to(device), c["cu_q"].to(device),
-            c["cu_k"].to(device), c["cu_p"].to(device), c["kv_indices"].to(device), None, 3, 256, ix.FMT_NVFP4,
-            ix.SK_E4M3, False, False)
-    torch.library.opcheck(ix._fp4_indexer_op, args)
+            c["cu_k"].to(device), c["cu_p"].to(device), c["kv_indices"].to(device), None, 3, 256, fx.FMT_NVFP4,
+            fx.SK_E4M3, False, False)
+    torch.library.opcheck(fx._fp4_indexer_op, args)
     assert f8 is not None
 
 

@@ -27,7 +27,8 @@ from .nvfp4 import (
     quantize_kv_bf16_to_nvfp4_128x4,
     swizzle_nvfp4_scale_to_128x4,
 )
-from .indexer import fp4_indexer_block_scores, flash_decode_with_topk_idx, naive_flash_decode_with_topk_idx
+from .fp4_indexer import fp4_indexer_block_scores
+from .indexer import flash_decode_with_topk_idx, naive_flash_decode_with_topk_idx
 from .nvfp4_attention import sparse_atten_nvfp4_kv_func
 from .status import (
     OFFICIAL_API_STATUS,
