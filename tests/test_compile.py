@@ -49,8 +49,6 @@ TRITON_OPS = {
     "k2q_to_q2k",
     "sparse_decode_fwd",
     "sparse_decode_fwd_out",
-    "sparse_decode_nvfp4_fwd",
-    "sparse_decode_nvfp4_fwd_out",
     "sparse_prefill_fwd",
     "sparse_prefill_nvfp4_fwd",
     "fp4_indexer_block_scores",
@@ -200,21 +198,24 @@ def _case_sparse_decode_nvfp4_fwd(device, dtype):  # (the interpreter is slow on
     q, k, v, idx, pt, sk = decode_problem([200, 0], hkv=1, g=2, topk=3, dtype=dtype, device=device, extra_pages=1)
     _, _, (kd, vd, ks, vs, kg, vg) = _nvfp4_paged_kv(k, v)
     s = 128 ** -0.5
-    cases = [("sparse_lse", (q, kd, vd, ks, vs, kg, vg, idx, pt, sk, 1, True, s, 3, True), None)]
+    hnd = kern_mod.LAYOUT_HND
+    cases = [("nvfp4_sparse_lse", (q, kd, vd, idx, pt, sk, None, None, hnd, 128, 1, True, s, 3, True, ks, vs, kg, vg),
+              None)]
     if _all_cases(device):
-        cases.append(("dense_no_global", (q, kd, vd, ks, vs, None, None, None, pt, sk, 1, False, s, 3, False), None))
+        cases.append(("nvfp4_dense_no_global", (q, kd, vd, None, pt, sk, None, None, hnd, 128, 1, False, s, 3, False,
+                                                ks, vs, None, None), None))
     return cases
 
 
 def _case_sparse_decode_nvfp4_fwd_out(device, dtype):
     q, k, v, idx, pt, sk = decode_problem([200, 3], hkv=1, g=2, topk=3, dtype=dtype, device=device, extra_pages=1)
-    _, _, kv = _nvfp4_paged_kv(k, v)
+    _, _, (kd, vd, ks, vs, kg, vg) = _nvfp4_paged_kv(k, v)
     w = msa.SparseDecodePagedAttentionWrapper().plan(page_table=pt, seqused_k=sk, seqlen_q=1, max_seqlen_k=200,
                                                      q2k_indices=idx, num_qo_heads=2, num_kv_heads=1, head_dim=128)
     out = torch.empty_like(q)
     lse = torch.empty(q.shape[:2], dtype=torch.float32, device=device)
-    return [("planned", (q,) + kv + (idx, pt, sk, out, lse, w.O_partial, w._ml_partial, w._counter, 1, True,
-                                      128 ** -0.5, w._hint_blocks, True, 0, 0), None)]
+    return [("nvfp4_planned", (q, kd, vd, idx, pt, sk, out, lse, w.O_partial, w._ml_partial, w._counter, 1, True,
+                               128 ** -0.5, w._hint_blocks, True, 0, 0, ks, vs, kg, vg), None)]
 
 
 def _case_sparse_prefill_fwd(device, dtype):
@@ -302,10 +303,10 @@ def _case_topk(force):
 OPCHECK_CASES = {
     "build_k2q_csr": _case_build_k2q_csr,
     "k2q_to_q2k": _case_k2q_to_q2k,
-    "sparse_decode_fwd": _case_sparse_decode_fwd,
-    "sparse_decode_fwd_out": _case_sparse_decode_fwd_out,
-    "sparse_decode_nvfp4_fwd": _case_sparse_decode_nvfp4_fwd,
-    "sparse_decode_nvfp4_fwd_out": _case_sparse_decode_nvfp4_fwd_out,
+    "sparse_decode_fwd": lambda device, dtype: (_case_sparse_decode_fwd(device, dtype)
+                                                + _case_sparse_decode_nvfp4_fwd(device, dtype)),
+    "sparse_decode_fwd_out": lambda device, dtype: (_case_sparse_decode_fwd_out(device, dtype)
+                                                    + _case_sparse_decode_nvfp4_fwd_out(device, dtype)),
     "sparse_prefill_fwd": _case_sparse_prefill_fwd,
     "sparse_prefill_nvfp4_fwd": _case_sparse_prefill_nvfp4_fwd,
     "fp4_indexer_block_scores": _case_fp4_indexer_block_scores,
@@ -437,12 +438,12 @@ def test_compile_decode_nvfp4_kv(device, dt):
         return msa.sparse_decode_atten_func(q, kq, vq, page_table=pt, seqused_k=sk, seqlen_q=1, max_seqlen_k=200)
 
     compiled_equals_eager(device, raw, q, kq.data, vq.data, kq.scale_128x4, vq.scale_128x4, kq.global_scale,
-                          vq.global_scale, idx, pt, sk, ops=("sparse_decode_nvfp4_fwd",))
-    compiled_equals_eager(device, quantized, q, kq, vq, pt, sk, ops=("sparse_decode_nvfp4_fwd",))
+                          vq.global_scale, idx, pt, sk, ops=("sparse_decode_fwd",))
+    compiled_equals_eager(device, quantized, q, kq, vq, pt, sk, ops=("sparse_decode_fwd",))
     w = msa.SparseDecodePagedAttentionWrapper().plan(page_table=pt, seqused_k=sk, seqlen_q=1, max_seqlen_k=200,
                                                      q2k_indices=idx, num_qo_heads=2, num_kv_heads=1, head_dim=128)
     compiled_equals_eager(device, lambda q, kq, vq: w.run(q, kq, vq, return_softmax_lse=True), q, kq, vq,
-                          ops=("sparse_decode_nvfp4_fwd_out",))
+                          ops=("sparse_decode_fwd_out",))
 
 
 def test_compile_flash_decode_with_gqa_share_sparse(device, dt):

@@ -510,15 +510,15 @@ def test_opcheck(device):
 
     q, qk, qv, idx, pt, sk = nvfp4_problem([130], hkv=1, g=2, topk=2, device=device)
     ks, vs = qk.scale_128x4.reshape(-1), qv.scale_128x4.reshape(-1)
-    opcheck(dec._sparse_decode_nvfp4_fwd, (q, qk.data, qv.data, ks, vs, qk.global_scale, None, idx, pt, sk, 1, True,
-                                           D ** -0.5, 3, True))
+    opcheck(dec._sparse_decode_fwd, (q, qk.data, qv.data, idx, pt, sk, None, None, 0, 128, 1, True, D ** -0.5, 3, True,
+                                     ks, vs, qk.global_scale, None))
     w = msa.SparseDecodePagedAttentionWrapper().plan(page_table=pt, seqused_k=sk, seqlen_q=1, max_seqlen_k=130,
                                                     q2k_indices=idx, num_qo_heads=2, num_kv_heads=1)
     out = torch.empty_like(q)
     lse = torch.empty(q.shape[0], q.shape[1], dtype=torch.float32, device=device)
-    opcheck(dec._sparse_decode_nvfp4_fwd_out, (q, qk.data, qv.data, ks, vs, None, qv.global_scale, idx, pt, sk, out,
-                                               lse, w.O_partial, w._ml_partial, w._counter, 1, True, D ** -0.5,
-                                               w._hint_blocks, True, 0, 0))
+    opcheck(dec._sparse_decode_fwd_out, (q, qk.data, qv.data, idx, pt, sk, out, lse, w.O_partial, w._ml_partial,
+                                         w._counter, 1, True, D ** -0.5, w._hint_blocks, True, 0, 0, ks, vs, None,
+                                         qv.global_scale))
 
 
 def test_compile_fullgraph(device):

@@ -23,7 +23,8 @@ devices and host arguments, ``_launch.tensor_key``) once and caches the launch p
 eager calls with that signature skip the checks and the custom-op dispatcher and launch the compiled
 Triton kernel directly (``_launch.TritonLauncher``). ``wrapper.run`` caches the signatures of its
 ``(q, k, v, out, lse)`` against the plan. Under ``torch.compile`` every call goes through the custom
-ops (``_sparse_decode_fwd`` and friends), which compute the same launch.
+ops (``_sparse_decode_fwd``, ``_sparse_decode_fwd_out``; NVFP4 K/V through their optional scale
+arguments), which compute the same launch.
 
 FP8 (e4m3) KV is read as fp8 and widened to q's dtype in registers right before each ``tl.dot``; the
 MMA shapes and accumulation order are the same as for bf16 KV, but the two are different Triton
@@ -177,12 +178,24 @@ def _host_key(*values):
 # ------------------------------------------------------------------------------------------------
 
 
+def _fp4_args(k_scale, v_scale, k_global, v_global):
+    """The kernel's NVFP4 operands, or None for native (bf16 / fp16 / fp8) K/V."""
+    return None if k_scale is None else (k_scale, v_scale, k_global, v_global)
+
+
 @torch.library.custom_op(add_op_namespace_prefix("sparse_decode_fwd"), mutates_args=())
 def _sparse_decode_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: Optional[torch.Tensor],
                        table: torch.Tensor, lens: torch.Tensor, slot_ids: Optional[torch.Tensor],
                        sink: Optional[torch.Tensor], layout: int, block_size: int, seqlen_q: int, causal: bool,
-                       scale: float, hint_blocks: int, return_lse: bool) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Functional decode. Returns ``(out [T, Hq, D], lse fp32 [T, Hq] or [0])`` (T = q.shape[0])."""
+                       scale: float, hint_blocks: int, return_lse: bool, k_scale: Optional[torch.Tensor] = None,
+                       v_scale: Optional[torch.Tensor] = None, k_global: Optional[torch.Tensor] = None,
+                       v_global: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Functional decode. Returns ``(out [T, Hq, D], lse fp32 [T, Hq] or [0])`` (T = q.shape[0]).
+
+    Native K/V, or packed NVFP4 K/V (paged HND only) when ``k_scale`` is given: ``k, v`` uint8
+    ``[P, Hkv, 128, 64]``, ``k_scale`` / ``v_scale`` flat uint8 128x4-swizzled scale bytes (logical row
+    ``(page*Hkv+h)*128+s``, 8 columns), ``k_global`` / ``v_global`` fp32 (element 0) or None (= 1).
+    """
     t, hq, d = q.shape
     out = torch.empty((t, hq, d), dtype=_out_dtype(q.dtype), device=q.device)
     lse = torch.empty((t, hq) if return_lse else (0,), dtype=torch.float32, device=q.device)
@@ -192,17 +205,18 @@ def _sparse_decode_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, idx: O
         out.zero_()
         lse.fill_(float("-inf"))
         return out, lse
-    p = _plan_for(q, k, idx, table, layout, block_size, seqlen_q, hint_blocks)
+    fp4 = _fp4_args(k_scale, v_scale, k_global, v_global)
+    p = _plan_for(q, k, idx, table, layout, block_size, seqlen_q, hint_blocks, nvfp4=fp4 is not None)
     o_part, ml_part, counter = _workspaces(p, q.device)
     launch(p, layout=layout, q=q, k=k, v=v, idx=idx, table=table, lens=lens, slot_ids=slot_ids, sink=sink,
            out=out, lse=lse, o_part=o_part, ml_part=ml_part, counter=counter, causal=causal, scale=scale,
-           write_lse=return_lse)
+           write_lse=return_lse, nvfp4=fp4)
     return out, lse
 
 
 @_sparse_decode_fwd.register_fake
 def _(q, k, v, idx, table, lens, slot_ids, sink, layout, block_size, seqlen_q, causal, scale, hint_blocks,
-      return_lse):
+      return_lse, k_scale=None, v_scale=None, k_global=None, v_global=None):
     t, hq, d = q.shape
     out = q.new_empty((t, hq, d), dtype=_out_dtype(q.dtype))
     lse = q.new_empty((t, hq) if return_lse else (0,), dtype=torch.float32)
@@ -215,88 +229,31 @@ def _sparse_decode_fwd_out(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, id
                            page_table: torch.Tensor, seqused_k: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
                            o_part: torch.Tensor, ml_part: torch.Tensor, counter: torch.Tensor, seqlen_q: int,
                            causal: bool, scale: float, hint_blocks: int, return_lse: bool, split_override: int,
-                           max_grid: int) -> None:
+                           max_grid: int, k_scale: Optional[torch.Tensor] = None,
+                           v_scale: Optional[torch.Tensor] = None, k_global: Optional[torch.Tensor] = None,
+                           v_global: Optional[torch.Tensor] = None) -> None:
     """Paged-HND decode into ``out`` (and ``lse`` if ``return_lse``) with caller-owned workspaces.
 
     o_part / ml_part: fp32, counter: int32 (all zeros between launches; the kernel keeps it so),
-    each at least ``workspace_sizes(plan)`` elements (any size when the plan does not split).
+    each at least ``workspace_sizes(plan)`` elements (any size when the plan does not split). NVFP4
+    K/V when ``k_scale`` is given (as ``_sparse_decode_fwd``).
     """
     if q.shape[0] == 0:
         return
-    p = _plan_for(q, k, idx, page_table, LAYOUT_HND, BLK_KV, seqlen_q, hint_blocks, split_override, max_grid)
+    fp4 = _fp4_args(k_scale, v_scale, k_global, v_global)
+    p = _plan_for(q, k, idx, page_table, LAYOUT_HND, BLK_KV, seqlen_q, hint_blocks, split_override, max_grid,
+                  nvfp4=fp4 is not None)
     no, nml, nc = workspace_sizes(p)
     if nc and (o_part.numel() < no or ml_part.numel() < nml or counter.numel() < nc):
         raise RuntimeError("decode workspace too small for this launch; call plan() again")
     launch(p, layout=LAYOUT_HND, q=q, k=k, v=v, idx=idx, table=page_table, lens=seqused_k, slot_ids=None,
            sink=None, out=out, lse=lse, o_part=o_part, ml_part=ml_part, counter=counter, causal=causal,
-           scale=scale, write_lse=return_lse)
+           scale=scale, write_lse=return_lse, nvfp4=fp4)
 
 
 @_sparse_decode_fwd_out.register_fake
 def _(q, k, v, idx, page_table, seqused_k, out, lse, o_part, ml_part, counter, seqlen_q, causal, scale, hint_blocks,
-      return_lse, split_override, max_grid):
-    return None
-
-
-@torch.library.custom_op(add_op_namespace_prefix("sparse_decode_nvfp4_fwd"), mutates_args=())
-def _sparse_decode_nvfp4_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_scale: torch.Tensor,
-                             v_scale: torch.Tensor, k_global: Optional[torch.Tensor], v_global: Optional[torch.Tensor],
-                             idx: Optional[torch.Tensor], page_table: torch.Tensor, seqused_k: torch.Tensor,
-                             seqlen_q: int, causal: bool, scale: float, hint_blocks: int,
-                             return_lse: bool) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Paged-HND decode over packed NVFP4 K/V (``k, v`` uint8 ``[P, Hkv, 128, 64]``).
-
-    k_scale / v_scale: flat uint8 128x4-swizzled scale bytes (logical row ``(page*Hkv+h)*128+s``, 8
-    columns); k_global / v_global: fp32 (element 0) or None (= 1). Returns ``(out [T, Hq, 128], lse
-    fp32 [T, Hq] or [0])``.
-    """
-    t, hq, d = q.shape
-    out = torch.empty((t, hq, d), dtype=_out_dtype(q.dtype), device=q.device)
-    lse = torch.empty((t, hq) if return_lse else (0,), dtype=torch.float32, device=q.device)
-    if t == 0:
-        return out, lse
-    p = _plan_for(q, k, idx, page_table, LAYOUT_HND, BLK_KV, seqlen_q, hint_blocks, nvfp4=True)
-    o_part, ml_part, counter = _workspaces(p, q.device)
-    launch(p, layout=LAYOUT_HND, q=q, k=k, v=v, idx=idx, table=page_table, lens=seqused_k, slot_ids=None, sink=None,
-           out=out, lse=lse, o_part=o_part, ml_part=ml_part, counter=counter, causal=causal, scale=scale,
-           write_lse=return_lse, nvfp4=(k_scale, v_scale, k_global, v_global))
-    return out, lse
-
-
-@_sparse_decode_nvfp4_fwd.register_fake
-def _(q, k, v, k_scale, v_scale, k_global, v_global, idx, page_table, seqused_k, seqlen_q, causal, scale, hint_blocks,
-      return_lse):
-    t, hq, d = q.shape
-    out = q.new_empty((t, hq, d), dtype=_out_dtype(q.dtype))
-    lse = q.new_empty((t, hq) if return_lse else (0,), dtype=torch.float32)
-    return out, lse
-
-
-@torch.library.custom_op(add_op_namespace_prefix("sparse_decode_nvfp4_fwd_out"),
-                         mutates_args=("out", "lse", "o_part", "ml_part", "counter"))
-def _sparse_decode_nvfp4_fwd_out(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_scale: torch.Tensor,
-                                 v_scale: torch.Tensor, k_global: Optional[torch.Tensor],
-                                 v_global: Optional[torch.Tensor], idx: Optional[torch.Tensor],
-                                 page_table: torch.Tensor, seqused_k: torch.Tensor, out: torch.Tensor,
-                                 lse: torch.Tensor, o_part: torch.Tensor, ml_part: torch.Tensor, counter: torch.Tensor,
-                                 seqlen_q: int, causal: bool, scale: float, hint_blocks: int, return_lse: bool,
-                                 split_override: int, max_grid: int) -> None:
-    """``_sparse_decode_fwd_out`` for packed NVFP4 K/V (arguments as ``_sparse_decode_nvfp4_fwd``)."""
-    if q.shape[0] == 0:
-        return
-    p = _plan_for(q, k, idx, page_table, LAYOUT_HND, BLK_KV, seqlen_q, hint_blocks, split_override, max_grid,
-                  nvfp4=True)
-    no, nml, nc = workspace_sizes(p)
-    if nc and (o_part.numel() < no or ml_part.numel() < nml or counter.numel() < nc):
-        raise RuntimeError("decode workspace too small for this launch; call plan() again")
-    launch(p, layout=LAYOUT_HND, q=q, k=k, v=v, idx=idx, table=page_table, lens=seqused_k, slot_ids=None,
-           sink=None, out=out, lse=lse, o_part=o_part, ml_part=ml_part, counter=counter, causal=causal,
-           scale=scale, write_lse=return_lse, nvfp4=(k_scale, v_scale, k_global, v_global))
-
-
-@_sparse_decode_nvfp4_fwd_out.register_fake
-def _(q, k, v, k_scale, v_scale, k_global, v_global, idx, page_table, seqused_k, out, lse, o_part, ml_part, counter,
-      seqlen_q, causal, scale, hint_blocks, return_lse, split_override, max_grid):
+      return_lse, split_override, max_grid, k_scale=None, v_scale=None, k_global=None, v_global=None):
     return None
 
 
@@ -505,9 +462,9 @@ def sparse_decode_atten_func(q, k, v, q2k_indices=None, *, page_table, seqused_k
     if fp4 is not None:
         _validate_nvfp4(q, k, v, fp4, q2k_indices, page_table, seqused_k, seqlen_q, max_seqlen_k, blk_kv)
         scale = default_scale(softmax_scale, HEAD_DIM)
-        out, lse = _sparse_decode_nvfp4_fwd(q, k, v, *_nvfp4_kernel_args(fp4), q2k_indices, page_table, seqused_k,
-                                            int(seqlen_q), bool(causal), scale, _dense_hint(page_table, max_seqlen_k),
-                                            bool(return_softmax_lse))
+        out, lse = _sparse_decode_fwd(q, k, v, q2k_indices, page_table, seqused_k, None, None, LAYOUT_HND, BLK_KV,
+                                      int(seqlen_q), bool(causal), scale, _dense_hint(page_table, max_seqlen_k),
+                                      bool(return_softmax_lse), *_nvfp4_kernel_args(fp4))
         return (out, lse) if return_softmax_lse else out
     _validate_official(q, k, v, q2k_indices, page_table, seqused_k, seqlen_q, max_seqlen_k, blk_kv)
     scale = default_scale(softmax_scale, HEAD_DIM)
@@ -674,16 +631,11 @@ class SparseDecodePagedAttentionWrapper:
             lkey = ("wrapper", key, tensor_key(self.q2k_indices), tensor_key(self.page_table),
                     tensor_key(self.seqused_k), self.seqlen_q, self.causal, p.grid, p.tiles_per_split)
             self._run_sigs.put(key, ((p, out_dtype), scale, lkey))
-        if fp4 is not None:
-            _sparse_decode_nvfp4_fwd_out(q, k, v, *_nvfp4_kernel_args(fp4), self.q2k_indices, self.page_table,
-                                         self.seqused_k, out, lse_buf, self.O_partial, self._ml_partial, self._counter,
-                                         self.seqlen_q, self.causal, scale, self._hint_blocks,
-                                         bool(return_softmax_lse), self._split_override[True], self._max_grid)
-        else:
-            _sparse_decode_fwd_out(q, k, v, self.q2k_indices, self.page_table, self.seqused_k, out, lse_buf,
-                                   self.O_partial, self._ml_partial, self._counter, self.seqlen_q, self.causal, scale,
-                                   self._hint_blocks, bool(return_softmax_lse), self._split_override[False],
-                                   self._max_grid)
+        fp4_args = () if fp4 is None else _nvfp4_kernel_args(fp4)
+        _sparse_decode_fwd_out(q, k, v, self.q2k_indices, self.page_table, self.seqused_k, out, lse_buf,
+                               self.O_partial, self._ml_partial, self._counter, self.seqlen_q, self.causal, scale,
+                               self._hint_blocks, bool(return_softmax_lse), self._split_override[fp4 is not None],
+                               self._max_grid, *fp4_args)
         if return_softmax_lse:
             return out, lse
         return out

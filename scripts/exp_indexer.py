@@ -1,0 +1,68 @@
+"""Decode-indexer experiment (GPU): score kernel alone, top-k alone, full call; sweep of the score launch table."""
+import importlib
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+import timing  # noqa: E402
+from benchmark import load_package  # noqa: E402
+
+msa = load_package()
+ix = importlib.import_module(msa.__name__ + ".indexer")
+dev = torch.device("cuda")
+BS, TOPK, D = 128, 16, 128
+copy_bw = timing.measure_copy_bandwidth()
+print(timing.device_name(), f"copy {copy_bw / 1e12:.2f} TB/s")
+major = torch.cuda.get_device_capability()[0]
+base = dict(ix.decode_score_config(major))
+
+
+def case(b, ctx):
+    read = b * ctx * (D * 2 + 4)
+    n_sets = timing.num_sets(read, minimum=2, maximum=16)
+    pages = ctx // BS
+    n_req = n_sets * b
+    ik = torch.randn(n_req * ctx, 1, D, device=dev, dtype=torch.bfloat16)
+    perm = torch.randperm(n_req * pages, device=dev).view(n_req, pages)
+    r2t = (perm.unsqueeze(-1) * BS + torch.arange(BS, device=dev)).view(n_req, ctx).to(torch.int32)
+    sl = torch.full((b,), ctx, device=dev, dtype=torch.int32)
+    sets = [(torch.randn(b, 4, D, device=dev, dtype=torch.bfloat16),
+             torch.arange(s * b, (s + 1) * b, device=dev, dtype=torch.int32)) for s in range(n_sets)]
+    return ik, r2t, sl, sets, read
+
+
+for b, ctx in ((1, 32768), (32, 131072)):
+    ik, r2t, sl, sets, read = case(b, ctx)
+    NB = ctx // BS
+    scale = D ** -0.5
+
+    def score(q, sid):
+        return ix._decode_block_scores_impl(q, ik, r2t, sl, sid, NB, BS, scale, False)
+
+    def full(q, sid):
+        return msa.flash_decode_with_topk_idx(q, None, ik, None, r2t, sl, ctx, sid, BS, TOPK, 1, 2,
+                                              disable_index_value=True)[1]
+    sc = torch.randn(4, b, NB, device=dev)
+    topk = lambda q, sid: msa.native_topk_from_scores(sc, sl, BS, TOPK, force_local_blocks=2)  # noqa: E731
+    for name, fn in (("full", full), ("score", score), ("topk", topk)):
+        g = timing.bench_graph(fn, sets)
+        print(f"B={b} ctx={ctx} {name}: {g:.2f} us graph, {100 * read / (g * 1e-6) / copy_bw:.1f}% copy", flush=True)
+    for tn in (64, 128):
+        for pps in (2, 4, 8):
+            for tpp in (4, 16, 64, 256):
+                for ns in (2, 3, 4):
+                    for nw in (4, 8):
+                        cfg = dict(base, tn={**base["tn"], 128: tn}, progs_per_sm=pps, max_tpp=tpp, num_stages=ns,
+                                   num_warps=nw)
+                        ix.DECODE_SCORE_CONFIGS[major] = cfg
+                        try:
+                            g = timing.bench_graph(score, sets, replays=10)
+                        except Exception as e:  # noqa: BLE001
+                            print("fail", tn, pps, tpp, ns, nw, str(e)[:100])
+                            continue
+                        print(f"sweep B={b} tn={tn} pps={pps} tpp={tpp} ns={ns} nw={nw}: {g:.2f} us "
+                              f"{100 * read / (g * 1e-6) / copy_bw:.1f}%", flush=True)
+    ix.DECODE_SCORE_CONFIGS[major] = base
+    del ik, r2t, sets
