@@ -74,6 +74,11 @@ topk_from_scores_kernel(const float* __restrict__ score, const int* __restrict__
   __shared__ int s_above;
   __shared__ int s_done;
 
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  // Launched with programmatic stream serialization: wait for the preceding kernel (e.g. the block-score
+  // kernel) to complete before reading anything it may have written. The launch itself overlapped its tail.
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
   const int tid = threadIdx.x;
   const int lane = tid & 31;
   const int warp = tid >> 5;
@@ -237,9 +242,21 @@ template <int THREADS, int ITEMS>
 cudaError_t launch(const float* score, const int* seq_lens, int* out, int64_t rows, int B, int NB,
                    unsigned block_size, int topk, int init, int force, int G, uint32_t idmask, int idshift,
                    cudaStream_t stream) noexcept {
-  topk_from_scores_kernel<THREADS, ITEMS><<<static_cast<unsigned>(rows), THREADS, 0, stream>>>(
-      score, seq_lens, out, B, NB, block_size, topk, init, force, G, idmask, idshift);
-  return cudaGetLastError();
+  // Programmatic dependent launch (sm_90+): the CTAs may be scheduled while the previous kernel in the stream
+  // drains; the kernel's griddepcontrol.wait keeps every global read after that kernel's completion. Captured
+  // into CUDA graphs as a programmatic edge. Devices without it run the launch as a normal one.
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(static_cast<unsigned>(rows));
+  cfg.blockDim = dim3(THREADS);
+  cfg.dynamicSmemBytes = 0;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  return cudaLaunchKernelEx(&cfg, topk_from_scores_kernel<THREADS, ITEMS>, score, seq_lens, out, B, NB, block_size,
+                            topk, init, force, G, idmask, idshift);
 }
 
 }  // namespace
