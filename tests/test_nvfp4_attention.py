@@ -22,7 +22,7 @@ import math
 import pytest
 import torch
 
-from .helpers import assert_close_attn, assert_lse_close, msa, poison_like, requires_cuda
+from .helpers import assert_close_attn, assert_lse_close, msa, owner_ref, poison_like, requires_cuda
 from .reference import attention_ref, gather_paged, q2k_block_mask, visible_from_blocks
 
 FP8 = torch.float8_e4m3fn
@@ -298,19 +298,6 @@ def test_fused_opcheck_and_compile(device):
     got = torch.compile(fn, fullgraph=True, backend="eager")(*a)
     ref = fn(*a)
     assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
-
-
-def owner_ref(cu_q, t):
-    """docs/POLICIES.md owner rule (binary search over ``cu_q``, then the request's range must hold ``t``)."""
-    B = len(cu_q) - 1
-    lo, hi = 0, B
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if cu_q[mid] <= t:
-            lo = mid
-        else:
-            hi = mid - 1
-    return lo if lo < B and cu_q[lo] <= t < cu_q[lo + 1] else None
 
 
 def with_cu_q(inp, cuq):

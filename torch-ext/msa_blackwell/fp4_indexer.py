@@ -5,13 +5,35 @@ each 128-token KV block ``j`` of the raw dot products ``<deq(q[t, h]), deq(k[x, 
 (FP4 E2M1 values times per-group scales; no softmax scale), masked by length, page count and an
 optional bottom-right causal limit. Output fp32 ``[Hq, NB, total_q]``, ``NB = ceil(max_seqlen_k/128)``.
 
-Kernel: one program per (request-local tile of ``BLOCK_M`` query tokens, Q head). The program
-dequantises its Q tile once (fp32: e2m1 x scale is exact), then walks the request's KV blocks:
-dequantise the 128-token page of its KV head, two tf32 ``tl.dot`` (even / odd elements) with fp32
-accumulation, mask, row max. Blocks past the request's valid range are written as -inf without
-reading any page.
+Kernel (``_fp4_indexer_kernel``, tensor cores):
+
+* **Work split.** One program per (KV-block chunk ``c``, request ``b``, KV head ``g``, group of ``BLOCK_H``
+  of its ``G`` Q heads, tile of ``BLOCK_M`` query tokens). The ``BLOCK_H`` heads are folded into the MMA M
+  dimension (``rows = BLOCK_H * BLOCK_M``, head-major), so each K page is decoded once for all the heads
+  that share it. Outputs are per (query row, KV block), so KV blocks split across programs with no
+  combine step: program ``c`` owns blocks ``[c * chunk, min((c + 1) * chunk, NB))`` and writes every one
+  of them for its rows (scores, or -inf past the request's valid / causal range, without reading any
+  page). ``chunk`` is chosen on the host so that the grid fills the GPU (``Fp4IndexerConfig.waves``).
+* **Operands.** Q (once per program) and each K sub-tile of ``BLOCK_N`` slots are decoded to the MMA
+  operand dtype: E2M1 x E4M3 (nvfp4) is exact in **fp16** (2 x 4 significant bits, magnitudes in
+  [2^-10, 2688]); E2M1 x E8M0 (mxfp4) is exact in **bf16** (power-of-two scales, fp32 exponent range);
+  decoded float scales (arbitrary values) keep the fp32 operands and tf32 dots of the previous kernel.
+  Under the CPU interpreter bf16 is replaced by fp32 ("ieee") dots. Even / odd elements of a packed
+  byte feed two ``tl.dot`` of K = 64 into one fp32 accumulator.
+* **Masks.** Blocks entirely inside the valid and causal range of the whole tile take a mask-free loop;
+  the boundary blocks a masked one. Missing pages (``j`` past the request's page count, page id -1 or
+  out of range, ``kv_indices`` position out of range) are never read and give -inf.
+* **Every output element is written.** Extra "fill" programs (after the main grid) write -inf for the
+  output rows no request's tile owns: rows before ``cu_seqlens_q[0]`` or after ``cu_seqlens_q[B]``, and rows
+  past the first ``max_seqlen_q`` tokens of a request (a caller error, answered -inf whatever the tile
+  size). Ownership is found per row by a binary search over ``cu_seqlens_q``, confirmed by a scan of every
+  request where the search finds no owner, so the output is allocated uninitialised with no memset pass and
+  no host sync. (For a non-monotone ``cu_seqlens_q`` whose requests overlap, the overlapping rows are
+  written by both requests.)
 """
 
+from dataclasses import dataclass
+import functools
 from typing import Optional
 
 import torch
@@ -20,7 +42,7 @@ import triton.language as tl
 
 from ._registry import add_op_namespace_prefix
 from ._validate import check_devices, check_host_int, check_tensor, interpreter_active
-from .nvfp4 import _e2m1_code_to_f32, _e4m3_code_to_f32
+from .nvfp4 import _e4m3_code_to_f32
 
 __all__ = ["fp4_indexer_block_scores"]
 
@@ -31,7 +53,107 @@ _FLOAT_SCALE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 FMT_NVFP4, FMT_MXFP4 = 0, 1
 SK_E4M3, SK_E8M0, SK_FLOAT = 0, 1, 2
+# MMA operand dtype of the decoded values (``OP`` constexpr)
+OP_F16, OP_BF16, OP_TF32, OP_F32 = 0, 1, 2, 3
+FILL_T = 64  # query rows per fill program
+_BIG = tl.constexpr(1 << 30)
 
+
+# ----------------------------------------------------------------------------------------------
+# Launch configurations
+# ----------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Fp4IndexerConfig:
+    """One launch configuration of ``_fp4_indexer_kernel``.
+
+    ``rows``: MMA M tile of a program (``BLOCK_H`` Q heads x ``BLOCK_M`` query tokens, see ``tile_for``) with
+    fp16 operands (nvfp4); ``wide_rows``: the same for the other operand kinds (bf16 for mxfp4, fp32 / tf32
+    for decoded float scales: their decode holds more registers); ``block_n``: KV slots per MMA sub-tile (64 or
+    128; a 128-token page is ``128 // block_n`` sub-tiles); ``num_warps`` / ``num_stages``: Triton launch
+    options; ``waves``: the KV-chunk split aims at ``waves x SM count`` programs; ``min_chunk``: fewest KV
+    blocks per program (bounds the Q decode that each program repeats).
+    """
+
+    rows: int
+    wide_rows: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+    waves: int = 4
+    min_chunk: int = 2
+
+
+# compute-capability major -> ((largest max_seqlen_q or None = any, config), ...): first match wins.
+# sm_90 (wgmma): 128 rows for short chunks (more programs), 256 for long ones (each decoded K sub-tile feeds
+# twice the MMA work; 234 registers, no spill). sm_100 (tcgen05): 128 rows (256 spills in the non-causal loop).
+# sm_12x (mma.sync keeps both operands in registers): 64 rows, 4 warps (128 rows spill), 32 for bf16 / fp32.
+# Spill-free on every target per scripts/aot_check.py; the sm_90 split between the two is a first choice to be
+# re-tuned with ``benchmarks/bench_fp4_indexer.py --sweep``.
+# None: the CPU interpreter (small tiles, several head groups and KV chunks, so tests reach every path).
+FP4_INDEXER_CONFIGS = {
+    9: ((256, Fp4IndexerConfig(rows=128, wide_rows=128, block_n=128, num_warps=8, num_stages=2)),
+        (None, Fp4IndexerConfig(rows=256, wide_rows=128, block_n=64, num_warps=8, num_stages=2))),
+    10: ((None, Fp4IndexerConfig(rows=128, wide_rows=128, block_n=128, num_warps=8, num_stages=2)),),
+    12: ((None, Fp4IndexerConfig(rows=64, wide_rows=32, block_n=64, num_warps=4, num_stages=2)),),
+    None: ((None, Fp4IndexerConfig(rows=32, wide_rows=32, block_n=64, num_warps=4, num_stages=1, waves=2,
+                                   min_chunk=1)),),
+}
+_SM_COUNT_CPU = 8
+
+
+def config_table(major):
+    """The ``FP4_INDEXER_CONFIGS`` entry used on compute-capability major ``major`` (None: interpreter)."""
+    if major is None:
+        return FP4_INDEXER_CONFIGS[None]
+    if major in FP4_INDEXER_CONFIGS:
+        return FP4_INDEXER_CONFIGS[major]
+    return FP4_INDEXER_CONFIGS[10 if major == 11 else 12]
+
+
+def config_for(major, max_seqlen_q: int) -> Fp4IndexerConfig:
+    for qmax, cfg in config_table(major):
+        if qmax is None or max_seqlen_q <= qmax:
+            return cfg
+    return config_table(major)[-1][1]
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+def tile_for(cfg: Fp4IndexerConfig, G: int, max_seqlen_q: int, wide: bool = False):
+    """(BLOCK_M, BLOCK_H) for ``G`` Q heads per KV head: as many heads as fit the rows (``cfg.wide_rows`` for
+    non-fp16 operands) with at least 16 tokens, then tokens, halved while the chunk has at most half of them
+    (never below 16)."""
+    rows = cfg.wide_rows if wide else cfg.rows
+    bh = min(_next_pow2(G), max(1, rows // 16))
+    bm = max(16, rows // bh)
+    while bm > 16 and bm // 2 >= max_seqlen_q:
+        bm //= 2
+    return bm, bh
+
+
+def plan_chunks(cfg: Fp4IndexerConfig, tiles: int, NB: int, sms: int):
+    """(chunk, n_chunks): KV blocks per program and programs per tile, aiming at ``waves x sms`` programs."""
+    want = cfg.waves * sms
+    n_chunks = max(1, min(NB, -(-want // max(1, tiles))))
+    chunk = max(min(cfg.min_chunk, NB), -(-NB // n_chunks), 1)
+    return chunk, -(-NB // chunk)
+
+
+@functools.lru_cache(maxsize=None)
+def _device_info(device_type: str, index):
+    """(capability major or None, SM count), read once per device (host query, no sync)."""
+    if device_type != "cuda" or interpreter_active():
+        return None, _SM_COUNT_CPU
+    props = torch.cuda.get_device_properties(index if index is not None else torch.cuda.current_device())
+    return props.major, props.multi_processor_count
+
+
+# ----------------------------------------------------------------------------------------------
+# Kernel
+# ----------------------------------------------------------------------------------------------
 
 @triton.jit
 def _decode_scale(raw, SCALE_KIND: tl.constexpr):
@@ -47,117 +169,244 @@ def _decode_scale(raw, SCALE_KIND: tl.constexpr):
 
 
 @triton.jit
+def _dequant_pair(byte, sc, OP: tl.constexpr):
+    """Packed bytes (int32 0..255) and their fp32 group scales (broadcastable) -> (element 2i, element 2i+1)
+    in the MMA operand dtype: fp16 products for OP_F16 (exact), otherwise fp32 products (exact for E8M0 and
+    E4M3 scales), cast to bf16 for OP_BF16 (exact for power-of-two scales)."""
+    # E2M1 nibble -> fp16 bits: sign -> bit 15, exponent (2 bits) -> bits 11:10, mantissa -> bit 9; the fp16 value
+    # is e2m1 * 2^-14 exactly (the subnormal codes 0 and 0.5 included), times 2^14 (exact) = e2m1 in fp16
+    c14 = tl.full([1], 16384.0, tl.float16)
+    lo = (((byte & 7) << 9) | ((byte & 8) << 12)).to(tl.int16).to(tl.float16, bitcast=True) * c14
+    hi = (((byte & 0x70) << 5) | ((byte & 0x80) << 8)).to(tl.int16).to(tl.float16, bitcast=True) * c14
+    if OP == 0:
+        s16 = sc.to(tl.float16)  # E4M3 values are exact in fp16, and so is e2m1 x E4M3 (<= 2688, 6 bits)
+        lo = lo * s16
+        hi = hi * s16
+    else:
+        lo = lo.to(tl.float32) * sc
+        hi = hi.to(tl.float32) * sc
+        if OP == 1:
+            lo = lo.to(tl.bfloat16)
+            hi = hi.to(tl.bfloat16)
+    return lo, hi
+
+
+@triton.jit
+def _subtile_rowmax(q_lo, q_hi, k_ptr, ks_ptr, page_c, page_ok, g, Hkv, j, n0, i_rows, Lk, off,
+                    sk0, sk1, sk2, sk3, kss0, kss1, kss2, kss3,
+                    GS: tl.constexpr, SCALE_KIND: tl.constexpr, PREORDERED: tl.constexpr, CAUSAL: tl.constexpr,
+                    MASKED: tl.constexpr, BLOCK_N: tl.constexpr, OP: tl.constexpr):
+    """Row max over slots ``[n0, n0 + BLOCK_N)`` of one page: decode the K sub-tile, two MMAs, mask, max."""
+    HB: tl.constexpr = GS // 2  # packed bytes per scale group
+    NG: tl.constexpr = 64 // HB  # scale groups per row
+    s = n0 + tl.arange(0, BLOCK_N)
+    gi = tl.arange(0, NG)
+    wi = tl.arange(0, HB)
+    kbase = k_ptr + page_c * sk0 + g * sk1
+    # masks shaped like the tile (not the scalar page_ok: Triton 3.9's interpreter rejects scalar tile masks)
+    pm2 = tl.where(page_ok, s[:, None] >= 0, False) & (gi[None, :] >= 0)
+    pm3 = pm2[:, :, None] & (wi[None, None, :] >= 0)
+    kbytes = tl.load(kbase + s[:, None, None] * sk2 + (gi[:, None] * HB + wi[None, :])[None, :, :] * sk3,
+                     mask=pm3, other=0).to(tl.int32) & 0xFF
+    if PREORDERED:
+        l_k = page_c * Hkv + g
+        ksoff = (l_k * (512 * ((NG + 3) // 4)) + (gi[None, :] // 4) * 512 + (s[:, None] % 32) * 16
+                 + (s[:, None] // 32) * 4 + gi[None, :] % 4)
+    else:
+        ksoff = page_c * kss0 + g * kss1 + s[:, None] * kss2 + gi[None, :] * kss3
+    ksc = _decode_scale(tl.load(ks_ptr + ksoff, mask=pm2, other=0), SCALE_KIND)
+    k_lo, k_hi = _dequant_pair(kbytes, ksc[:, :, None], OP)
+    k_lo = tl.reshape(k_lo, [BLOCK_N, 64])
+    k_hi = tl.reshape(k_hi, [BLOCK_N, 64])
+    if OP == 2:
+        acc = tl.dot(q_lo, tl.trans(k_lo), input_precision="tf32")
+        acc = tl.dot(q_hi, tl.trans(k_hi), acc, input_precision="tf32")
+    elif OP == 3:
+        acc = tl.dot(q_lo, tl.trans(k_lo), input_precision="ieee")
+        acc = tl.dot(q_hi, tl.trans(k_hi), acc, input_precision="ieee")
+    else:
+        acc = tl.dot(q_lo, tl.trans(k_lo))
+        acc = tl.dot(q_hi, tl.trans(k_hi), acc)
+    if MASKED:
+        x = j * 128 + s
+        vis = x[None, :] < Lk
+        if CAUSAL:
+            vis = vis & (x[None, :] <= (i_rows[:, None] + off))
+        acc = tl.where(vis, acc, float("-inf"))
+    return tl.max(acc, axis=1)
+
+
+@triton.jit
+def _block_rowmax(q_lo, q_hi, k_ptr, ks_ptr, kvi_ptr, p_start, j, n_kvi, total_pages, g, Hkv, i_rows, Lk, off,
+                  sk0, sk1, sk2, sk3, kss0, kss1, kss2, kss3,
+                  GS: tl.constexpr, SCALE_KIND: tl.constexpr, PREORDERED: tl.constexpr, CAUSAL: tl.constexpr,
+                  MASKED: tl.constexpr, BLOCK_N: tl.constexpr, OP: tl.constexpr):
+    """Row max of the scores of the tile's rows against logical KV block ``j`` (-inf: missing page)."""
+    pidx = p_start + j
+    page = tl.load(kvi_ptr + pidx, mask=(pidx >= 0) & (pidx < n_kvi), other=-1).to(tl.int64)
+    page_ok = (page >= 0) & (page < total_pages)
+    page_c = tl.where(page_ok, page, 0)
+    m = _subtile_rowmax(q_lo, q_hi, k_ptr, ks_ptr, page_c, page_ok, g, Hkv, j, 0, i_rows, Lk, off,
+                        sk0, sk1, sk2, sk3, kss0, kss1, kss2, kss3,
+                        GS, SCALE_KIND, PREORDERED, CAUSAL, MASKED, BLOCK_N, OP)
+    for n0 in tl.static_range(BLOCK_N, 128, BLOCK_N):
+        m2 = _subtile_rowmax(q_lo, q_hi, k_ptr, ks_ptr, page_c, page_ok, g, Hkv, j, n0, i_rows, Lk, off,
+                             sk0, sk1, sk2, sk3, kss0, kss1, kss2, kss3,
+                             GS, SCALE_KIND, PREORDERED, CAUSAL, MASKED, BLOCK_N, OP)
+        m = tl.maximum(m, m2)
+    return tl.where(page_ok, m, float("-inf"))
+
+
+@triton.jit
 def _fp4_indexer_kernel(
     q_ptr, k_ptr, qs_ptr, ks_ptr, cu_q_ptr, cu_k_ptr, cu_p_ptr, kvi_ptr, qo_ptr, out_ptr,
     sq0, sq1, sq2, sk0, sk1, sk2, sk3,
     qss0, qss1, qss2, kss0, kss1, kss2, kss3,
-    total_q, total_pages, n_kvi, Hkv, G, NB, n_mtiles, q_l_stride, q_rg,
-    GS: tl.constexpr, SCALE_KIND: tl.constexpr, PREORDERED: tl.constexpr,
-    CAUSAL: tl.constexpr, HAS_QO: tl.constexpr, BLOCK_M: tl.constexpr, USE_TF32: tl.constexpr,
+    total_q, total_pages, n_kvi, B, Hkv, G, NB, max_q, n_mtiles, n_hgroups, chunk, n_main, n_search,
+    q_l_stride, q_rg,
+    GS: tl.constexpr, SCALE_KIND: tl.constexpr, PREORDERED: tl.constexpr, CAUSAL: tl.constexpr,
+    HAS_QO: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
+    OP: tl.constexpr, FILL_T: tl.constexpr,
 ):
+    ROWS: tl.constexpr = BLOCK_H * BLOCK_M
+    HB: tl.constexpr = GS // 2
+    NG: tl.constexpr = 64 // HB
     pid = tl.program_id(0)
-    h = tl.program_id(1)
-    b = pid // n_mtiles
-    mt = pid % n_mtiles
-    q_start = tl.load(cu_q_ptr + b)
-    Lq = tl.load(cu_q_ptr + b + 1) - q_start
-    if mt * BLOCK_M < Lq:
-        g = h // G
-        Lk = tl.load(cu_k_ptr + b + 1) - tl.load(cu_k_ptr + b)
-        p_start = tl.load(cu_p_ptr + b)
-        n_pages = tl.load(cu_p_ptr + b + 1) - p_start
-        nb = tl.minimum(tl.minimum((Lk + 127) // 128, n_pages), NB)
-        nb = tl.maximum(nb, 0)
-        if HAS_QO:
-            off = tl.load(qo_ptr + b)
-        else:
-            off = Lk - Lq
-
-        ii = mt * BLOCK_M + tl.arange(0, BLOCK_M)
-        row_ok = ii < Lq
-        t = q_start + ii
-        row_ok = row_ok & (t < total_q)
-        t64 = t.to(tl.int64)
-        kb = tl.arange(0, 64)  # packed byte index: elements 2kb (lo) and 2kb+1 (hi)
-        grp = (2 * kb) // GS   # scale group of both elements of byte kb
-        qm = row_ok[:, None]
-        qbytes = tl.load(q_ptr + t64[:, None] * sq0 + h * sq1 + kb[None, :] * sq2, mask=qm, other=0)
-        qbytes = qbytes.to(tl.int32) & 0xFF
-        if PREORDERED:
-            tq = t64[:, None]
-            qsoff = (h * q_l_stride + (tq // 128) * (512 * q_rg) + (grp[None, :] // 4) * 512
-                     + (tq % 32) * 16 + ((tq % 128) // 32) * 4 + grp[None, :] % 4)
-        else:
-            qsoff = t64[:, None] * qss0 + h * qss1 + grp[None, :] * qss2
-        qsc = _decode_scale(tl.load(qs_ptr + qsoff, mask=qm, other=0), SCALE_KIND)
-        q_lo = _e2m1_code_to_f32(qbytes & 15) * qsc
-        q_hi = _e2m1_code_to_f32(qbytes >> 4) * qsc
-
-        i_last = tl.minimum(mt * BLOCK_M + BLOCK_M, Lq) - 1
-        nb_c = nb
-        if CAUSAL:
-            nb_c = tl.minimum(nb, tl.maximum((i_last + off + 128) // 128, 0))
-        ss = tl.arange(0, 128)
-        out_row = out_ptr + h.to(tl.int64) * NB * total_q + t64
-        for j in range(0, nb_c):
-            pidx = p_start + j
-            page = tl.load(kvi_ptr + pidx, mask=(pidx >= 0) & (pidx < n_kvi), other=-1).to(tl.int64)
-            page_ok = (page >= 0) & (page < total_pages)
-            page_c = tl.where(page_ok, page, 0)
-            kbase = k_ptr + page_c * sk0 + g * sk1
-            # a [128, 1] mask, not the scalar page_ok: Triton 3.9's interpreter rejects scalar masks of tiles
-            pmask = tl.where(page_ok, ss[:, None] >= 0, False)
-            kbytes = tl.load(kbase + ss[:, None] * sk2 + kb[None, :] * sk3, mask=pmask, other=0)
-            kbytes = kbytes.to(tl.int32) & 0xFF
-            if PREORDERED:
-                l_k = page_c * Hkv + g
-                ksoff = (l_k * (512 * (((128 // GS) + 3) // 4))
-                         + (grp[None, :] // 4) * 512 + (ss[:, None] % 32) * 16 + (ss[:, None] // 32) * 4
-                         + grp[None, :] % 4)
+    total_q64 = total_q.to(tl.int64)
+    if pid < n_main:
+        # pid = (((c * B + b) * Hkv + g) * n_hgroups + hg) * n_mtiles + mt: the programs that share a K chunk
+        # (all query tiles and head groups of one KV head) are adjacent, so they run together and share L2.
+        mt = pid % n_mtiles
+        r = pid // n_mtiles
+        hg = r % n_hgroups
+        r = r // n_hgroups
+        g = r % Hkv
+        r = r // Hkv
+        b = r % B
+        c = r // B
+        q_start = tl.load(cu_q_ptr + b)
+        Lq = tl.load(cu_q_ptr + b + 1) - q_start
+        if mt * BLOCK_M < Lq:
+            Lk = tl.load(cu_k_ptr + b + 1) - tl.load(cu_k_ptr + b)
+            p_start = tl.load(cu_p_ptr + b)
+            n_pages = tl.load(cu_p_ptr + b + 1) - p_start
+            nb = tl.maximum(tl.minimum(tl.minimum((Lk + 127) // 128, n_pages), NB), 0)
+            n_full = tl.maximum(tl.minimum(nb, Lk // 128), 0)  # blocks with all 128 slots < Lk
+            if HAS_QO:
+                off = tl.load(qo_ptr + b)
             else:
-                ksoff = page_c * kss0 + g * kss1 + ss[:, None] * kss2 + grp[None, :] * kss3
-            ksc = _decode_scale(tl.load(ks_ptr + ksoff, mask=pmask, other=0), SCALE_KIND)
-            k_lo = _e2m1_code_to_f32(kbytes & 15) * ksc
-            k_hi = _e2m1_code_to_f32(kbytes >> 4) * ksc
-            if USE_TF32:
-                s = tl.dot(q_lo, tl.trans(k_lo), input_precision="tf32")
-                s = tl.dot(q_hi, tl.trans(k_hi), s, input_precision="tf32")
-            else:
-                s = tl.dot(q_lo, tl.trans(k_lo), input_precision="ieee")
-                s = tl.dot(q_hi, tl.trans(k_hi), s, input_precision="ieee")
-            x = j * 128 + ss
-            vis = (x[None, :] < Lk) & page_ok
+                off = Lk - Lq
+            off = tl.minimum(tl.maximum(off, -_BIG), _BIG)
+            i_first = mt * BLOCK_M
+            i_last = tl.minimum(i_first + BLOCK_M, Lq) - 1
+            nb_c = nb
             if CAUSAL:
-                vis = vis & (x[None, :] <= (ii[:, None] + off))
-            s = tl.where(vis, s, float("-inf"))
-            m = tl.max(s, axis=1)
-            tl.store(out_row + j * total_q, m, mask=row_ok)
-        neg = tl.full([BLOCK_M], float("-inf"), tl.float32)
-        for j in range(nb_c, NB):
-            tl.store(out_row + j * total_q, neg, mask=row_ok)
+                nb_c = tl.minimum(nb, tl.maximum((i_last + off + 128) // 128, 0))
+                n_full = tl.minimum(n_full, tl.maximum((i_first + off + 1) // 128, 0))
+            n_full = tl.minimum(n_full, nb_c)
+
+            # rows: head-major (row = hh * BLOCK_M + token), so each head's stores are contiguous in t
+            rr = tl.arange(0, ROWS)
+            hl = hg * BLOCK_H + rr // BLOCK_M
+            h = g * G + hl
+            i_rows = i_first + rr % BLOCK_M
+            t = q_start + i_rows
+            row_ok = (i_rows < Lq) & (i_rows < max_q) & (hl < G) & (t >= 0) & (t < total_q)
+            t64 = t.to(tl.int64)
+            h64 = h.to(tl.int64)
+            gi = tl.arange(0, NG)
+            wi = tl.arange(0, HB)
+            qm2 = row_ok[:, None] & (gi[None, :] >= 0)
+            qm3 = qm2[:, :, None] & (wi[None, None, :] >= 0)
+            qbytes = tl.load(q_ptr + t64[:, None, None] * sq0 + h64[:, None, None] * sq1
+                             + (gi[:, None] * HB + wi[None, :])[None, :, :] * sq2, mask=qm3, other=0)
+            qbytes = qbytes.to(tl.int32) & 0xFF
+            if PREORDERED:
+                tq = t64[:, None]
+                qsoff = (h64[:, None] * q_l_stride + (tq // 128) * (512 * q_rg) + (gi[None, :] // 4) * 512
+                         + (tq % 32) * 16 + ((tq % 128) // 32) * 4 + gi[None, :] % 4)
+            else:
+                qsoff = t64[:, None] * qss0 + h64[:, None] * qss1 + gi[None, :] * qss2
+            qsc = _decode_scale(tl.load(qs_ptr + qsoff, mask=qm2, other=0), SCALE_KIND)
+            q_lo, q_hi = _dequant_pair(qbytes, qsc[:, :, None], OP)
+            q_lo = tl.reshape(q_lo, [ROWS, 64])
+            q_hi = tl.reshape(q_hi, [ROWS, 64])
+
+            out_row = out_ptr + h64 * NB * total_q64 + t64
+            j_lo = c * chunk
+            j_hi = tl.minimum(j_lo + chunk, NB)
+            # blocks fully visible to every row of the tile: no mask
+            for j in range(j_lo, tl.minimum(j_hi, n_full)):
+                m = _block_rowmax(q_lo, q_hi, k_ptr, ks_ptr, kvi_ptr, p_start, j, n_kvi, total_pages, g, Hkv,
+                                  i_rows, Lk, off, sk0, sk1, sk2, sk3, kss0, kss1, kss2, kss3,
+                                  GS, SCALE_KIND, PREORDERED, CAUSAL, False, BLOCK_N, OP)
+                tl.store(out_row + j * total_q64, m, mask=row_ok)
+            # boundary blocks (length / causal limit inside the block for some row)
+            for j in range(tl.maximum(j_lo, n_full), tl.minimum(j_hi, nb_c)):
+                m = _block_rowmax(q_lo, q_hi, k_ptr, ks_ptr, kvi_ptr, p_start, j, n_kvi, total_pages, g, Hkv,
+                                  i_rows, Lk, off, sk0, sk1, sk2, sk3, kss0, kss1, kss2, kss3,
+                                  GS, SCALE_KIND, PREORDERED, CAUSAL, True, BLOCK_N, OP)
+                tl.store(out_row + j * total_q64, m, mask=row_ok)
+            neg = tl.full([ROWS], float("-inf"), tl.float32)
+            for j in range(tl.maximum(j_lo, nb_c), j_hi):
+                tl.store(out_row + j * total_q64, neg, mask=row_ok)
+    else:
+        # fill program: -inf for the rows of [t0, t0 + FILL_T) that no main program writes. Row t is owned by
+        # request b = max{b : cu_q[b] <= t} (binary search) when cu_q[b] <= t < cu_q[b + 1] and its local index
+        # is below max_seqlen_q; that request's tiles then write it (for any cu_seqlens_q).
+        t = (pid - n_main) * FILL_T + tl.arange(0, FILL_T)
+        lo = t * 0
+        hi = lo + B
+        for _ in range(n_search):
+            act = lo < hi
+            mid = (lo + hi + 1) // 2
+            ok = tl.load(cu_q_ptr + mid) <= t
+            lo = tl.where(act & ok, mid, lo)
+            hi = tl.where(act & (~ok), mid - 1, hi)
+        cb = tl.load(cu_q_ptr + lo)
+        cb1 = tl.load(cu_q_ptr + lo + 1, mask=lo < B, other=0)
+        owned = (lo < B) & (cb <= t) & (t < cb1) & ((t - cb) < max_q)
+        if tl.max(((t < total_q) & (~owned)).to(tl.int32), axis=0) > 0:
+            # some row not owned by the searched request (rows outside the requests, or a non-monotone
+            # cu_seqlens_q): check every request before writing -inf, so no owned row is overwritten
+            for bb in range(0, B):
+                c0 = tl.load(cu_q_ptr + bb)
+                c1 = tl.load(cu_q_ptr + bb + 1)
+                owned = owned | ((c0 <= t) & (t < c1) & ((t - c0) < max_q))
+            orphan = (t < total_q) & (~owned)
+            neg = tl.full([FILL_T], float("-inf"), tl.float32)
+            t64 = t.to(tl.int64)
+            for hq in range(0, Hkv * G):
+                for j in range(0, NB):
+                    tl.store(out_ptr + (hq * NB + j).to(tl.int64) * total_q64 + t64, neg, mask=orphan)
 
 
-@torch.library.custom_op(add_op_namespace_prefix("fp4_indexer_block_scores"), mutates_args=())
-def _fp4_indexer_op(q: torch.Tensor, k: torch.Tensor, q_scale: torch.Tensor, k_scale: torch.Tensor,
-                    cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, cu_page_offsets: torch.Tensor,
-                    kv_indices: torch.Tensor, qo_offset: Optional[torch.Tensor], max_seqlen_q: int,
-                    max_seqlen_k: int, fmt: int, scale_kind: int, preordered: bool, causal: bool) -> torch.Tensor:
-    """q uint8 [total_q, Hq, 64], k uint8 [P, Hkv, 128, 64] -> fp32 scores [Hq, NB, total_q]."""
+def _operand_kind(scale_kind: int, on_cpu: bool) -> int:
+    if scale_kind == SK_E4M3:
+        return OP_F16
+    if on_cpu:
+        return OP_F32  # the interpreter's bf16 arithmetic is not exact; tf32 is not emulated
+    return OP_BF16 if scale_kind == SK_E8M0 else OP_TF32
+
+
+def _launch(q, k, q_scale, k_scale, cu_seqlens_q, cu_seqlens_k, cu_page_offsets, kv_indices, qo_offset,
+            max_seqlen_q: int, NB: int, fmt: int, scale_kind: int, preordered: bool, causal: bool, out,
+            cfg: Optional[Fp4IndexerConfig] = None, chunk: Optional[int] = None):
+    """Launch ``_fp4_indexer_kernel`` into ``out [Hq, NB, total_q]`` (every element written). ``cfg`` / ``chunk``
+    override the table and the chunk plan (tests and the benchmark's sweep); returns the launch description."""
     total_q, Hq = int(q.shape[0]), int(q.shape[1])
     P, Hkv = int(k.shape[0]), int(k.shape[1])
-    NB = (max_seqlen_k + 127) // 128
     B = int(cu_seqlens_q.shape[0]) - 1
-    out = torch.empty(Hq, NB, total_q, dtype=torch.float32, device=q.device)
-    if NB == 0 or total_q == 0 or Hq == 0:
-        return out
-    if B <= 0 or max_seqlen_q <= 0:
-        return out.fill_(float("-inf"))
     G = Hq // Hkv
     GS = 16 if fmt == FMT_NVFP4 else 32
     Gs = 128 // GS
-    if q.device.type == "cpu" and scale_kind == SK_FLOAT and q_scale.dtype == torch.bfloat16:
-        q_scale, k_scale = q_scale.float(), k_scale.float()
-    if q.device.type == "cpu" and scale_kind == SK_FLOAT and k_scale.dtype == torch.bfloat16:
+    on_cpu = q.device.type != "cuda"
+    major, sms = _device_info(q.device.type, q.device.index)
+    if cfg is None:
+        cfg = config_for(major, max_seqlen_q)
+    if on_cpu and scale_kind == SK_FLOAT and q_scale.dtype == torch.bfloat16:
+        q_scale = q_scale.float()
+    if on_cpu and scale_kind == SK_FLOAT and k_scale.dtype == torch.bfloat16:
         k_scale = k_scale.float()
     rg = (Gs + 3) // 4
     rmq = (total_q + 127) // 128
@@ -167,17 +416,49 @@ def _fp4_indexer_op(q: torch.Tensor, k: torch.Tensor, q_scale: torch.Tensor, k_s
     else:
         qss = tuple(int(s) for s in q_scale.stride())
         kss = tuple(int(s) for s in k_scale.stride())
-    BLOCK_M = 16 if interpreter_active() else _indexer_block_m(max_seqlen_q)
-    n_mtiles = triton.cdiv(max_seqlen_q, BLOCK_M)
-    grid = (B * n_mtiles, Hq)
+    op = _operand_kind(scale_kind, on_cpu)
+    block_m, block_h = tile_for(cfg, G, max_seqlen_q, wide=op != OP_F16)
+    n_mtiles = triton.cdiv(max_seqlen_q, block_m) if B > 0 else 0
+    n_hgroups = triton.cdiv(G, block_h)
+    tiles = B * n_mtiles * Hkv * n_hgroups
+    plan_chunk, n_chunks = plan_chunks(cfg, tiles, NB, sms)
+    if chunk is not None:
+        plan_chunk, n_chunks = int(chunk), triton.cdiv(NB, int(chunk))
+    n_main = tiles * n_chunks
+    n_fill = triton.cdiv(total_q, FILL_T)
+    if n_main + n_fill >= 2**31:
+        raise ValueError("fp4_indexer_block_scores: problem too large for one launch")
     qo = qo_offset if qo_offset is not None else cu_seqlens_q
-    _fp4_indexer_kernel[grid](
+    _fp4_indexer_kernel[(n_main + n_fill,)](
         q, k, q_scale, k_scale, cu_seqlens_q, cu_seqlens_k, cu_page_offsets, kv_indices, qo, out,
         *q.stride(), *k.stride(), *qss, *kss,
-        total_q, P, int(kv_indices.shape[0]), Hkv, G, NB, n_mtiles, 512 * rmq * rg, rg,
+        total_q, P, int(kv_indices.shape[0]), B, Hkv, G, NB, max_seqlen_q, max(n_mtiles, 1), n_hgroups, plan_chunk,
+        n_main,
+        max(B, 1).bit_length(), 512 * rmq * rg, rg,
         GS=GS, SCALE_KIND=scale_kind, PREORDERED=preordered, CAUSAL=causal, HAS_QO=qo_offset is not None,
-        BLOCK_M=BLOCK_M, USE_TF32=q.device.type == "cuda",
+        BLOCK_M=block_m, BLOCK_H=block_h, BLOCK_N=cfg.block_n, OP=op, FILL_T=FILL_T,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
+    return dict(cfg=cfg, block_m=block_m, block_h=block_h, chunk=plan_chunk, n_chunks=n_chunks, n_main=n_main,
+                n_fill=n_fill)
+
+
+@torch.library.custom_op(add_op_namespace_prefix("fp4_indexer_block_scores"), mutates_args=())
+def _fp4_indexer_op(q: torch.Tensor, k: torch.Tensor, q_scale: torch.Tensor, k_scale: torch.Tensor,
+                    cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, cu_page_offsets: torch.Tensor,
+                    kv_indices: torch.Tensor, qo_offset: Optional[torch.Tensor], max_seqlen_q: int,
+                    max_seqlen_k: int, fmt: int, scale_kind: int, preordered: bool, causal: bool) -> torch.Tensor:
+    """q uint8 [total_q, Hq, 64], k uint8 [P, Hkv, 128, 64] -> fp32 scores [Hq, NB, total_q]."""
+    total_q, Hq = int(q.shape[0]), int(q.shape[1])
+    NB = (max_seqlen_k + 127) // 128
+    B = int(cu_seqlens_q.shape[0]) - 1
+    out = torch.empty(Hq, NB, total_q, dtype=torch.float32, device=q.device)
+    if NB == 0 or total_q == 0 or Hq == 0:
+        return out
+    if B <= 0 or max_seqlen_q <= 0:
+        return out.fill_(float("-inf"))
+    _launch(q, k, q_scale, k_scale, cu_seqlens_q, cu_seqlens_k, cu_page_offsets, kv_indices, qo_offset,
+            max_seqlen_q, NB, fmt, scale_kind, preordered, causal, out)
     return out
 
 
@@ -291,39 +572,73 @@ def fp4_indexer_block_scores(q_fp4, k_fp4, q_scale, k_scale, cu_seqlens_q, cu_se
 # Ahead-of-time compile descriptions (scripts/aot_check.py; see _aot.py)
 # ----------------------------------------------------------------------------------------------
 
-def _indexer_block_m(max_seqlen_q: int) -> int:
-    return 16 if max_seqlen_q <= 16 else (32 if max_seqlen_q <= 32 else 64)
+_AOT_G = (1, 2, 3, 4, 8, 16, 64)
+_AOT_T = (1, 16, 17, 32, 33, 64, 65, 128, 129, 256, 257, 512, 4096)
+
+
+def runtime_tiles(major, wide: bool = False):
+    """Every (config, BLOCK_M, BLOCK_H) the launch can choose on compute-capability major ``major`` for fp16
+    (``wide=False``) or bf16 / fp32 operands (``config_for`` x ``tile_for`` over head-group sizes and chunk
+    lengths; larger G give the same tiles as 16)."""
+    out = {}
+    for G in _AOT_G:
+        for T in _AOT_T:
+            cfg = config_for(major, T)
+            bm, bh = tile_for(cfg, G, T, wide)
+            out.setdefault((cfg, bm, bh), (G, T))
+    return out
+
+
+def _aot_variants():
+    """(label, GS, scale kind, scale pointer type, preordered, operand kind) of the GPU launch paths."""
+    out = []
+    for gs, sk in ((16, SK_E4M3), (32, SK_E8M0)):
+        op = _operand_kind(sk, False)
+        fmt = "nv" if gs == 16 else "mx"
+        out += [(f"{fmt} pub", gs, sk, "*u8", False, op), (f"{fmt} pre", gs, sk, "*u8", True, op)]
+        out += [(f"{fmt} f{t[-2:]}", gs, SK_FLOAT, t, False, _operand_kind(SK_FLOAT, False))
+                for t in ("*fp32", "*bf16", "*fp16")]
+    return out
 
 
 def aot_configs(arch: int, full: bool = False):
-    """FP4 indexer launch configurations (Triton defaults: 4 warps, 3 stages).
+    """FP4 indexer launch configurations from ``FP4_INDEXER_CONFIGS`` (via ``runtime_tiles``).
 
-    ``_fp4_indexer_kernel``: BLOCK_M 16/32/64 (from max_seqlen_q), nvfp4 (GS 16, e4m3 scales) / mxfp4 (GS 32,
-    e8m0) / decoded float scales, public / preordered layout, causal (+ qo_offset), tf32 dots.
+    ``_fp4_indexer_kernel`` (hot: no spills allowed in the MMA loops): every tile the runtime can choose x
+    nvfp4 (GS 16, e4m3 scales, fp16 MMA) / mxfp4 (GS 32, e8m0, bf16 MMA) / decoded float scales (tf32 MMA),
+    public / preordered layout, causal (+ qo_offset). CI subset: every tile with the preordered causal +
+    qo_offset launch of its operand class; the M3 tiles (G = 4 Q heads per KV head) of every table entry with
+    every format path (one float-scale dtype) and the non-causal / no-qo_offset launches.
     """
     from ._aot import AotConfig, dedupe, major_of
 
-    out = []
-    bms = sorted({_indexer_block_m(s) for s in (1, 16, 17, 32, 33, 4096)})
-    variants = []  # (GS, scale kind, scale pointer type, preordered)
-    for gs, sk in ((16, SK_E4M3), (32, SK_E8M0)):
-        variants += [(gs, sk, "*u8", False), (gs, sk, "*u8", True)]
-        variants += [(gs, SK_FLOAT, t, False) for t in ("*fp32", "*bf16", "*fp16")]
+    major = major_of(arch)
     cflags = [(False, False), (True, False), (True, True)]
-    if not full:
-        variants = [(16, SK_E4M3, "*u8", True), (32, SK_E8M0, "*u8", False), (16, SK_FLOAT, "*fp32", False)]
-        cflags = [(True, True)]
-    for bm in bms:
-        for gs, sk, st, pre in (variants if (full or bm == 64) else variants[:1]):
-            for causal, qo in cflags:
+    out = []
+    for wide in (False, True):
+        variants = [v for v in _aot_variants() if (v[5] != OP_F16) == wide]
+        main_variant = [v for v in variants if v[4]][0]  # preordered: nvfp4 (fp16) / mxfp4 (bf16)
+        m3 = {(cfg,) + tile_for(cfg, 4, qmax or 4096, wide) for qmax, cfg in config_table(major)}
+        for (cfg, bm, bh) in runtime_tiles(major, wide):
+            if full:
+                combos = [(v, cf) for v in variants for cf in cflags]
+            elif (cfg, bm, bh) in m3:
+                combos = [(v, (True, True)) for v in variants if v[3] in ("*u8", "*fp32")]
+                combos += [(main_variant, cf) for cf in cflags[:2]]
+            else:
+                combos = [(main_variant, (True, True))]
+            for (vlabel, gs, sk, st, pre, op), (causal, qo) in combos:
                 args = dict(q_ptr="*u8", k_ptr="*u8", qs_ptr=st, ks_ptr=st, cu_q_ptr="*i32", cu_k_ptr="*i32",
                             cu_p_ptr="*i32", kvi_ptr="*i32", qo_ptr="*i32", out_ptr="*fp32",
                             sq0="i32:D", sq1="i32:D", sq2=1, sk0="i32:D", sk1="i32:D", sk2="i32:D", sk3=1,
-                            qss0="i32:D" if not pre else "i32:D", qss1="i32" if not pre else "i32:D",
-                            qss2=1 if not pre else "i32:D", kss0="i32:D", kss1="i32", kss2="i32", kss3=1 if not pre else "i32:D",
-                            total_q="i32", total_pages="i32", n_kvi="i32", Hkv="i32", G="i32", NB="i32", n_mtiles="i32",
-                            q_l_stride="i32:D", q_rg="i32",
-                            GS=gs, SCALE_KIND=sk, PREORDERED=pre, CAUSAL=causal, HAS_QO=qo, BLOCK_M=bm, USE_TF32=True)
-                out.append(AotConfig(_fp4_indexer_kernel, args, 4, 3,
-                                     f"fp4idx M{bm} GS{gs} sk{sk}{st[1:]} pre{int(pre)} c{int(causal)}qo{int(qo)}"))
+                            qss0="i32:D", qss1="i32:D" if pre else "i32", qss2="i32:D" if pre else 1,
+                            kss0="i32:D", kss1="i32:D" if pre else "i32", kss2="i32:D" if pre else "i32",
+                            kss3="i32:D" if pre else 1, total_q="i32", total_pages="i32", n_kvi="i32", B="i32",
+                            Hkv="i32", G="i32", NB="i32", max_q="i32", n_mtiles="i32", n_hgroups="i32", chunk="i32",
+                            n_main="i32", n_search="i32", q_l_stride="i32:D", q_rg="i32",
+                            GS=gs, SCALE_KIND=sk, PREORDERED=pre, CAUSAL=causal, HAS_QO=qo, BLOCK_M=bm, BLOCK_H=bh,
+                            BLOCK_N=cfg.block_n, OP=op, FILL_T=FILL_T)
+                out.append(AotConfig(_fp4_indexer_kernel, args, cfg.num_warps, cfg.num_stages,
+                                     f"fp4idx M{bm}xH{bh} N{cfg.block_n} {vlabel} c{int(causal)}qo{int(qo)}",
+                                     hot=True))
     return dedupe(out)
