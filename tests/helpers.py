@@ -83,6 +83,21 @@ def random_index_row(nb: int, topk: int, kind: str) -> torch.Tensor:
     return torch.randint(-2, nb + 3, (topk,))
 
 
+
+def owner_ref(cu_q, t):
+    """The query-row owner rule of docs/POLICIES.md section 1 in plain Python: the request a binary search over
+    ``cu_q`` (a list of B + 1 ints) finds for row ``t`` (probe ``mid = (lo + hi + 1) // 2`` over ``[0, B]``, go
+    right iff ``cu_q[mid] <= t``), if that request's range holds ``t``; else None (the row has no owner)."""
+    B = len(cu_q) - 1
+    lo, hi = 0, B
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if cu_q[mid] <= t:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo if lo < B and cu_q[lo] <= t < cu_q[lo + 1] else None
+
 # ---- generic helpers for compile / CUDA-graph tests (tests/test_compile.py, tests/test_cuda_graph.py) ----
 
 _INT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}

@@ -6,7 +6,7 @@ import contextlib
 import pytest
 import torch
 
-from .helpers import msa, requires_cuda
+from .helpers import msa, owner_ref, requires_cuda
 from .reference import build_k2q_csr_ref, csr_block_mask
 
 csr_mod = msa.csr
@@ -235,20 +235,6 @@ def test_k2q_to_q2k_roundtrip(device):
 # ------------------------------------------------------------------------------------------------
 
 I32_MIN, I32_MAX = -2**31, 2**31 - 1
-
-
-def owner_ref(cu_q, t):
-    """The owner rule of docs/POLICIES.md in plain Python: the request a binary search finds for ``t`` (probe
-    ``mid = (lo + hi + 1) // 2`` over ``[0, B]``, go right iff ``cu_q[mid] <= t``), if its range holds ``t``."""
-    B = len(cu_q) - 1
-    lo, hi = 0, B
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if cu_q[mid] <= t:
-            lo = mid
-        else:
-            hi = mid - 1
-    return lo if lo < B and cu_q[lo] <= t < cu_q[lo + 1] else None
 
 
 def _wrap32(x):

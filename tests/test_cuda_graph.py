@@ -60,6 +60,20 @@ def _adversarial_rows(rows, nbs, topk, gen):
     return rows
 
 
+def replay_steps(graph, outs, refill, check, eager):
+    """STEPS times: new metadata (``refill(step)``), poisoned outputs, replay, ``check(what)`` against float64,
+    and the outputs bit for bit against ``eager()`` (the same kernels and launch policy, run eagerly)."""
+    for step in range(1, STEPS + 1):
+        refill(step)
+        for t in outs:
+            poison_like(t)
+        graph.replay()
+        torch.cuda.synchronize()
+        what = f"replay {step}"
+        check(what)
+        assert_bitwise_equal(tuple(outs), tuple(eager()), f"{what} vs eager")
+
+
 def _lengths(b, cap, gen):
     """``b`` KV lengths mixing 0, 1, page edges, the full table and beyond it (caller error, must be masked)."""
     pool = [0, 1, 127, 128, 129, cap - 1, cap, cap + 77, int(torch.randint(1, cap + 1, (1,), generator=gen))]
@@ -173,26 +187,14 @@ PAGED_CASES = [
 def test_graph_sparse_decode_atten_func(b, hkv, g, sq, topk, maxp, kv, causal):
     p = PagedDecode(b, hkv, g, sq, topk, maxp, kv=kv, seed=b * 100 + g)
     graph, (out, lse) = capture_cuda_graph(lambda: p.functional(causal))
-    for step in range(1, STEPS + 1):
-        p.refill(step)
-        poison_like(out)
-        poison_like(lse)
-        graph.replay()
-        torch.cuda.synchronize()
-        p.check(out, lse, causal, what=f"replay {step}")
-        assert_bitwise_equal((out, lse), p.functional(causal), f"replay {step} vs eager")
+    replay_steps(graph, (out, lse), p.refill, lambda what: p.check(out, lse, causal, what=what),
+                 lambda: p.functional(causal))
 
 
 def test_graph_dense_decode():
     p = PagedDecode(3, 2, 4, 1, 1, 8, dense=True, seed=7)
     graph, (out, lse) = capture_cuda_graph(lambda: p.functional())
-    for step in range(1, STEPS + 1):
-        p.refill(step)
-        poison_like(out)
-        graph.replay()
-        torch.cuda.synchronize()
-        p.check(out, lse, what=f"replay {step}")
-        assert_bitwise_equal((out, lse), p.functional(), f"replay {step} vs eager")
+    replay_steps(graph, (out, lse), p.refill, lambda what: p.check(out, lse, what=what), p.functional)
 
 
 WRAPPER_CASES = [  # (case, dense, plan hint, kv)
@@ -218,16 +220,13 @@ def test_graph_decode_wrapper(b, hkv, g, sq, topk, maxp, dense, hint, kv):
     lse = torch.empty(p.q.shape[:2], dtype=torch.float32, device=DEV)
     graph, res = capture_cuda_graph(lambda: p.run(w, out=out, lse=lse))
     assert res[0] is out and res[1] is lse
-    for step in range(1, STEPS + 1):
-        p.refill(step)
-        poison_like(out)
-        poison_like(lse)
-        graph.replay()
-        torch.cuda.synchronize()
-        p.check(out, lse, what=f"replay {step}")
-        assert_bitwise_equal((out, lse), p.run(w), f"replay {step} vs eager run")
+
+    def check(what):
+        p.check(out, lse, what=what)
         if hint is None:  # same launch policy as the functional API: identical bits
-            assert_bitwise_equal((out, lse), p.functional(), f"replay {step} vs functional")
+            assert_bitwise_equal((out, lse), p.functional(), f"{what} vs functional")
+
+    replay_steps(graph, (out, lse), p.refill, check, lambda: p.run(w))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -302,13 +301,8 @@ class TokenMajor:
 def test_graph_flash_decode_with_gqa_share_sparse(b, hkv, g, d, bs, topk, width, idx_dtype, sink):
     p = TokenMajor(b, hkv, g, d, bs, topk, width, idx_dtype=idx_dtype, sink=sink, seed=b + d)
     graph, out = capture_cuda_graph(lambda: p.run(scale=0.07))
-    for step in range(1, STEPS + 1):
-        p.refill(step)
-        poison_like(out)
-        graph.replay()
-        torch.cuda.synchronize()
-        p.check(out, scale=0.07, what=f"replay {step}")
-        assert_bitwise_equal(out, p.run(scale=0.07), f"replay {step} vs eager")
+    replay_steps(graph, (out,), p.refill, lambda what: p.check(out, scale=0.07, what=what),
+                 lambda: (p.run(scale=0.07),))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -417,3 +411,73 @@ def test_graph_csr_prefill(paged):
         torch.cuda.synchronize()
         prefill_check(out, lse, inp, atol=BF16_ATOL, causal=True)
         assert_bitwise_equal((out, lse), step_fn(), f"replay {step} vs eager")
+
+
+# ------------------------------------------------------------------------------------------------
+# long replay: one capture, REPLAYS replays with the metadata changing between replays (issue #13, item 4)
+# ------------------------------------------------------------------------------------------------
+
+REPLAYS = int(os.environ.get("MSA_GRAPH_REPLAYS", "10000"))  # scripts/sanitize.sh uses fewer
+CHECK_EVERY = 100
+
+
+def _banks(refill, bufs, n):
+    """``n`` snapshots of ``bufs`` after ``refill(i)`` (device tensors): contents to copy in between replays."""
+    out = [[] for _ in bufs]
+    for i in range(n):
+        refill(i)
+        for j, t in enumerate(bufs):
+            out[j].append(t.clone())
+    return [torch.stack(x) for x in out]
+
+
+@pytest.mark.parametrize("case", ["paged_b4", "paged_b1_split", "paged_b3_mtp_nvfp4", "token_major"])
+def test_graph_decode_long_replay(case):
+    """Capture one decode call once and replay it REPLAYS (10,000) times while the metadata changes between
+    replays as in a serving loop: every KV length grows by one token per replay (wrapping through 0 and through
+    lengths beyond the page table / req_to_token width, which must be masked), pages / req_to_token rows are
+    re-mapped (shuffled and aliased tables), the index rows change (-1 anywhere, duplicates, out-of-range ids),
+    and q changes. The updates are device-side copies (no host sync in the loop). Every CHECK_EVERY-th replay
+    (and the last) runs on NaN-poisoned outputs and is compared with the float64 reference and bit for bit with
+    an eager call: no drift (split workspaces and their self-resetting counters), no stale state."""
+    if case == "token_major":
+        p = TokenMajor(4, 2, 8, 128, 64, 8, 1100, sink=True, seed=3)
+        lens_buf, mod = p.sl, p.width + 50
+        banks = _banks(p.refill, (p.r2t, p.sid, p.idx, p.q), 7)
+        bufs = (p.r2t, p.sid, p.idx, p.q)
+        graph, out = capture_cuda_graph(lambda: p.run())
+        outs = (out,)
+
+        def check(what):
+            p.check(out, what=what)
+            assert_bitwise_equal(out, p.run(), f"{what} vs eager")
+    else:
+        b, hkv, g, sq, topk, maxp, kv = {"paged_b4": (4, 2, 4, 1, 6, 8, "bf16"),
+                                         "paged_b1_split": (1, 2, 8, 1, 16, 32, "bf16"),
+                                         "paged_b3_mtp_nvfp4": (3, 1, 16, 2, 4, 6, "nvfp4")}[case]
+        p = PagedDecode(b, hkv, g, sq, topk, maxp, kv=kv, seed=b + maxp)
+        lens_buf, mod = p.sk, p.cap + 64
+        banks = _banks(p.refill, (p.pt, p.idx, p.q), 7)
+        bufs = (p.pt, p.idx, p.q)
+        graph, (out, lse) = capture_cuda_graph(lambda: p.functional())
+        outs = (out, lse)
+
+        def check(what):
+            p.check(out, lse, what=what)
+            assert_bitwise_equal((out, lse), p.functional(), f"{what} vs eager")
+    periods = (7, 5, 3, 2)[: len(bufs)]  # co-prime-ish periods: the table / index / q combinations keep changing
+    checked = 0
+    for step in range(1, REPLAYS + 1):
+        lens_buf.add_(1).remainder_(mod)  # every request one token longer (wrapping through 0 and past the table)
+        for t, bank, period in zip(bufs, banks, periods):
+            t.copy_(bank[(step // period) % bank.shape[0]])
+        last = step == REPLAYS
+        if step % CHECK_EVERY == 0 or last:
+            for t in outs:
+                poison_like(t)
+        graph.replay()
+        if step % CHECK_EVERY == 0 or last:
+            torch.cuda.synchronize()
+            check(f"{case}: replay {step} of {REPLAYS}")
+            checked += 1
+    assert checked >= REPLAYS // CHECK_EVERY

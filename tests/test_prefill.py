@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from .helpers import assert_close_attn, assert_lse_close, msa, poison_like, requires_cuda
+from .helpers import assert_close_attn, assert_lse_close, msa, owner_ref, poison_like, requires_cuda
 from .reference import attention_ref, csr_block_mask, q2k_block_mask, visible_from_blocks
 
 FP8 = torch.float8_e4m3fn
@@ -361,19 +361,6 @@ def test_prefill_errors(device):
 # Query rows outside cu_seqlens_q / odd cu_seqlens_q (docs/POLICIES.md): O = 0, LSE = -inf, never
 # uninitialised; rows computed from their owner request only
 # ------------------------------------------------------------------------------------------------
-
-def owner_ref(cu_q, t):
-    """docs/POLICIES.md owner rule: the request a binary search over ``cu_q`` finds for ``t`` (probe
-    ``(lo + hi + 1) // 2`` over ``[0, B]``, right iff ``cu_q[mid] <= t``), if its range holds ``t``."""
-    B = len(cu_q) - 1
-    lo, hi = 0, B
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if cu_q[mid] <= t:
-            lo = mid
-        else:
-            hi = mid - 1
-    return lo if lo < B and cu_q[lo] <= t < cu_q[lo + 1] else None
 
 
 def odd_inputs(cuq, lk, total_q, hq, hkv, topk, dtype, device, *, kind="random", kv_dtype=None):

@@ -442,26 +442,6 @@ def test_native_vs_fallback_forced_init(cuda_device):
 
 
 @requires_cuda
-def test_cuda_graph_replay_forced_init(cuda_device):
-    H, B, NB, bs, topk = 4, 8, 1024, 128, 16
-    score, seq_lens = make_inputs(H, B, NB, bs, cuda_device)
-    kw = dict(force_local_blocks=2, force_init_blocks=1)
-    msa.native_topk_from_scores(score, seq_lens, bs, topk, **kw)  # warm-up
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        out = msa.native_topk_from_scores(score, seq_lens, bs, topk, **kw)
-    for _ in range(3):
-        s2, l2 = make_inputs(H, B, NB, bs, cuda_device)
-        score.copy_(s2)
-        seq_lens.copy_(l2)
-        poison_like(out)
-        g.replay()
-        torch.cuda.synchronize()
-        assert_topk_equal(out, ref_topk_forced(score, seq_lens, bs, topk, 1, 2))
-
-
-@requires_cuda
 def test_native_deterministic(cuda_device):
     score = _adversarial(4, 64, 8192, cuda_device, tied=True)
     seq_lens = torch.full((64,), 8192 * 128, dtype=torch.int32, device=cuda_device)
@@ -472,11 +452,12 @@ def test_native_deterministic(cuda_device):
 
 
 @requires_cuda
-@pytest.mark.parametrize("force", [0, 1])
-def test_cuda_graph_replay(cuda_device, force):
+@pytest.mark.parametrize("init,local", [(0, 0), (0, 1), (1, 2)], ids=["plain", "local1", "init1_local2"])
+def test_cuda_graph_replay(cuda_device, init, local):
+    """Capture once (plain, forced local, forced init + local), replay with new scores and lengths."""
     H, B, NB, bs, topk = 4, 8, 1024, 128, 16
     score, seq_lens = make_inputs(H, B, NB, bs, cuda_device)
-    kw = {"force_local_blocks": force} if force else {}
+    kw = {k: v for k, v in (("force_local_blocks", local), ("force_init_blocks", init)) if v}
     msa.native_topk_from_scores(score, seq_lens, bs, topk, **kw)  # warm-up
     torch.cuda.synchronize()
     g = torch.cuda.CUDAGraph()
@@ -489,7 +470,7 @@ def test_cuda_graph_replay(cuda_device, force):
         poison_like(out)
         g.replay()
         torch.cuda.synchronize()
-        assert_topk_equal(out, ref_topk(score, seq_lens, bs, topk, force))
+        assert_topk_equal(out, ref_topk_forced(score, seq_lens, bs, topk, init, local))
 
 
 @requires_cuda
