@@ -101,36 +101,28 @@ def run_nvfp4(msa, timing, dk, k_hnd, v_hnd, copy_bw, quick):
                          "x bf16": us[name] / us["bf16"]})
         p = dk.make_plan(dev, B=b, Hkv=HKV, G=HQ // HKV, SQ=1, D=D, BS=BS, topk=TOPK, hint_blocks=0, nvfp4=True)
         decs = ("1", "0") if b == 64 else ("1",)
-        saved = os.environ.get("MSA_DECODE_FP4_DEC")
-        try:
-            for d in decs:
-                os.environ["MSA_DECODE_FP4_DEC"] = d
+        for d in decs:
+            with msa.tuning.override(decode_fp4_decoder=int(d)):
                 t = timing.bench_graph(fp4_call, sets)
-                nb = _bytes_nvfp4(b)
-                rows.append({"B": b, "KV": f"nvfp4 dec{d}" + (" (ptx)" if d == "1" else " (portable)"), "us graph": t,
-                             "MB": nb / 1e6, "roofline us": nb / copy_bw * 1e6,
-                             "%copy": 100 * nb / (t * 1e-6) / copy_bw, "x bf16": t / us["bf16"],
-                             "x fp8": t / us["fp8 e4m3"], "splits": p.num_splits})
-                print("row nvfp4", b, d, f"{t:.2f} us ({t / us['bf16']:.3f}x bf16)", flush=True)
-            if b == 64:  # the wrapper (plan once, one launch per run, no per-call memset)
-                os.environ["MSA_DECODE_FP4_DEC"] = "1"
-                wsets = []
-                for (q, pt, sk, idx) in sets:
-                    w = msa.SparseDecodePagedAttentionWrapper().plan(
-                        page_table=pt, seqused_k=sk, seqlen_q=1, max_seqlen_k=ctx, q2k_indices=idx,
-                        num_qo_heads=HQ, num_kv_heads=HKV, head_dim=D)
-                    wsets.append((w, q, torch.empty_like(q)))
-                t = timing.bench_graph(lambda w, q, o: w.run(q, qk, qv, out=o), wsets)
-                rows.append({"B": b, "KV": "nvfp4 wrapper", "us graph": t, "MB": _bytes_nvfp4(b) / 1e6,
-                             "roofline us": _bytes_nvfp4(b) / copy_bw * 1e6,
-                             "%copy": 100 * _bytes_nvfp4(b) / (t * 1e-6) / copy_bw, "x bf16": t / us["bf16"],
-                             "x fp8": t / us["fp8 e4m3"], "splits": p.num_splits})
-                del wsets
-        finally:
-            if saved is None:
-                os.environ.pop("MSA_DECODE_FP4_DEC", None)
-            else:
-                os.environ["MSA_DECODE_FP4_DEC"] = saved
+            nb = _bytes_nvfp4(b)
+            rows.append({"B": b, "KV": f"nvfp4 dec{d}" + (" (ptx)" if d == "1" else " (portable)"), "us graph": t,
+                         "MB": nb / 1e6, "roofline us": nb / copy_bw * 1e6,
+                         "%copy": 100 * nb / (t * 1e-6) / copy_bw, "x bf16": t / us["bf16"],
+                         "x fp8": t / us["fp8 e4m3"], "splits": p.num_splits})
+            print("row nvfp4", b, d, f"{t:.2f} us ({t / us['bf16']:.3f}x bf16)", flush=True)
+        if b == 64:  # the wrapper (plan once, one launch per run, no per-call memset), default decoder
+            wsets = []
+            for (q, pt, sk, idx) in sets:
+                w = msa.SparseDecodePagedAttentionWrapper().plan(
+                    page_table=pt, seqused_k=sk, seqlen_q=1, max_seqlen_k=ctx, q2k_indices=idx,
+                    num_qo_heads=HQ, num_kv_heads=HKV, head_dim=D)
+                wsets.append((w, q, torch.empty_like(q)))
+            t = timing.bench_graph(lambda w, q, o: w.run(q, qk, qv, out=o), wsets)
+            rows.append({"B": b, "KV": "nvfp4 wrapper", "us graph": t, "MB": _bytes_nvfp4(b) / 1e6,
+                         "roofline us": _bytes_nvfp4(b) / copy_bw * 1e6,
+                         "%copy": 100 * _bytes_nvfp4(b) / (t * 1e-6) / copy_bw, "x bf16": t / us["bf16"],
+                         "x fp8": t / us["fp8 e4m3"], "splits": p.num_splits})
+            del wsets
         del sets
     timing.print_table(rows, ["B", "KV", "splits", "us graph", "MB", "roofline us", "%copy", "x bf16", "x fp8"],
                        title="NVFP4 KV vs bf16 / fp8 KV, 32K, graph replay (target at B = 64: x bf16 <= 0.4); "
@@ -147,7 +139,7 @@ def run_nvfp4(msa, timing, dk, k_hnd, v_hnd, copy_bw, quick):
         keep = {k2: v2 for k2, v2 in saved_over.get(key, {}).items() if k2 == "m_cap"}
         w4, w8 = {64: 4, 128: 4, 256: 8}, {64: 4, 128: 8, 256: 8}
         bn128 = {64: 64, 128: 128, 256: 32}
-        # (variant, packed-byte access mode MSA_DECODE_FP4_PF: 0 bytes / 1 int32 words / 2 words + register
+        # (variant, packed-byte access mode decode_fp4_prefetch: 0 bytes / 1 int32 words / 2 words + register
         # prefetch of the next tile). The earlier sweep's losers (8 warps at BLOCK_N 64, ctas_per_sm 4 / 8) are
         # dropped; "pf" variants are the ones to compare against "default pf0".
         bn64 = {64: 64, 128: 64, 256: 32}
@@ -166,12 +158,11 @@ def run_nvfp4(msa, timing, dk, k_hnd, v_hnd, copy_bw, quick):
                     if var is not None:
                         dk.NVFP4_CONFIG_OVERRIDES[key] = dict(keep, **var)
                     dk.make_plan.cache_clear()
-                    os.environ["MSA_DECODE_FP4_DEC"] = d
-                    os.environ["MSA_DECODE_FP4_PF"] = pf
                     try:
                         p = dk.make_plan(dev, B=b, Hkv=HKV, G=HQ // HKV, SQ=1, D=D, BS=BS, topk=TOPK, hint_blocks=0,
                                          nvfp4=True)
-                        t = timing.bench_graph(fp4_call, sets)
+                        with msa.tuning.override(decode_fp4_decoder=int(d), decode_fp4_prefetch=int(pf)):
+                            t = timing.bench_graph(fp4_call, sets)
                         r = {"B": b, "variant": ("default" if var is None else str(var)) + f" dec{d} pf{pf}",
                              "splits": p.num_splits, "warps": p.num_warps, "stages": p.num_stages, "us graph": t,
                              "%copy": 100 * _bytes_nvfp4(b) / (t * 1e-6) / copy_bw}
@@ -184,8 +175,6 @@ def run_nvfp4(msa, timing, dk, k_hnd, v_hnd, copy_bw, quick):
                         dk.NVFP4_CONFIG_OVERRIDES.clear()
                         dk.NVFP4_CONFIG_OVERRIDES.update(saved_over)
                         dk.make_plan.cache_clear()
-                        os.environ.pop("MSA_DECODE_FP4_DEC", None)
-                        os.environ.pop("MSA_DECODE_FP4_PF", None)
             del sets
         timing.print_table(sweep, ["B", "variant", "splits", "warps", "stages", "us graph", "%copy"],
                            title="NVFP4 launch-config sweep (32K, graph replay; set the winner in "

@@ -16,13 +16,14 @@ relative to bf16, K/V bytes per call (the K/V tensors, scales included), and ``m
 output against ``sparse_atten_func`` on ``dequantize_nvfp4_128x4_to_bf16`` K/V (the §3.5 acceptance
 construction, tolerance 2e-2).
 
-Env: ``MSA_BENCH_SIZES`` (default ``32768``), ``MSA_PREFILL_NVFP4_CFG=bmt,bns,warps,stages[,list]`` overrides
-the fused variant's tile config only; ``MSA_BENCH_NVFP4_SWEEP="8,64,8,3;8,32,8,2"`` adds one ``nvfp4 bf16Q``
-row per listed config (tuning). ``run(msa, timing)`` is the entry point
+Env (read by this benchmark only): ``MSA_BENCH_SIZES`` (default ``32768``);
+``MSA_BENCH_NVFP4_SWEEP="8,64,8,3;8,32,8,2"`` adds one ``nvfp4 bf16Q`` row per listed tile config
+``bmt,bns,warps,stages[,list]`` (timed inside ``msa.tuning.override(prefill_nvfp4=cfg)``). ``run(msa, timing)`` is the entry point
 (``python benchmarks/benchmark.py --sections nvfp4_attn``); ``python benchmarks/bench_nvfp4_attention.py``
 runs it standalone on the source tree.
 """
 
+import contextlib
 import os
 import sys
 
@@ -98,21 +99,13 @@ def run(msa, timing):
                     ("dequant+bf16", unfused, "q", None)]
             todo += [(f"nvfp4 bf16Q cfg {c}", fused, "q", c) for c in sweep]
             for name, fn, qn, cfg in todo:
-                old = os.environ.get("MSA_PREFILL_NVFP4_CFG")
-                if cfg:
-                    os.environ["MSA_PREFILL_NVFP4_CFG"] = cfg
                 try:
-                    err = (fn(*nv_args(s0, qn)).float() - ref).abs().max().item()
-                    t = timing.bench_graph(fn, [nv_args(s, qn) for s in sets])
+                    with msa.tuning.override(prefill_nvfp4=cfg) if cfg else contextlib.nullcontext():
+                        err = (fn(*nv_args(s0, qn)).float() - ref).abs().max().item()
+                        t = timing.bench_graph(fn, [nv_args(s, qn) for s in sets])
                     variants.append((name, t, nv_kv_bytes, err))
                 except Exception as e:  # noqa: BLE001 - report and continue
                     print(f"{layout} {name}: {type(e).__name__}: {str(e)[:200]}", flush=True)
-                finally:
-                    if cfg:
-                        if old is None:
-                            os.environ.pop("MSA_PREFILL_NVFP4_CFG", None)
-                        else:
-                            os.environ["MSA_PREFILL_NVFP4_CFG"] = old
             for name, t, kvb, err in variants:
                 rows.append({"bench": "nvfp4_attn", "S": S, "layout": layout, "variant": name, "us": t,
                              "sparse_tflops": flops / (t * 1e-6) / 1e12, "x_bf16": t / t_bf16,

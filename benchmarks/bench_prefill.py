@@ -8,11 +8,12 @@ Reported per size: sparse_atten_func time (CUDA graph), sparse-effective TFLOP/s
 (``4 * visible_selected_tokens * D`` per (token, Q head), summed), build_k2q_csr time, and the speedup
 against dense causal torch SDPA (cuDNN and flash backends, K/V expanded to Hq heads).
 
-Env (tuning): ``MSA_BENCH_SIZES=32768`` limits the sizes, ``MSA_BENCH_NO_SDPA=1`` skips the baselines,
-``MSA_PREFILL_CFG=bmt,bns,warps,stages[,list]`` overrides the attention tile config (see prefill.py).
+Env (read by this benchmark only): ``MSA_BENCH_SIZES=32768`` limits the sizes, ``MSA_BENCH_NO_SDPA=1`` skips
+the baselines, ``MSA_BENCH_PREFILL_CFG=bmt,bns,warps,stages[,list]`` runs the attention with that tile config
+(``msa.tuning.override(prefill=...)``; the tables are in prefill_kernel.py).
 Sweep: ``MSA_BENCH_SWEEP="8,64,8,2;8,128,8,3" MSA_BENCH_CSR_CHUNKS=2048,1024 python benchmarks/bench_prefill.py``
-(one process, one size: attention per config, checked against the first config, and the CSR builder per
-``MSA_CSR_CHUNK_ENTRIES``, checked bit-exact).
+(one process, one size: attention per tile config, checked against the first config, and the CSR builder per
+chunk size ``tuning.override(csr_chunk_entries=...)``, checked bit-exact).
 
 ``run(msa, timing)`` is the entry point; ``timing`` is ``benchmarks/timing.py``:
 ``bench_events(fn, inputs_list)`` / ``bench_graph(fn, inputs_list)`` return the median time in µs of
@@ -20,6 +21,7 @@ Sweep: ``MSA_BENCH_SWEEP="8,64,8,2;8,128,8,3" MSA_BENCH_CSR_CHUNKS=2048,1024 pyt
 """
 
 
+import contextlib
 import os
 
 import torch
@@ -64,6 +66,12 @@ def sparse_flops(q2k: torch.Tensor, S: int, hq: int, d: int) -> float:
 
 
 def run(msa, timing) -> list:
+    cfg = os.environ.get("MSA_BENCH_PREFILL_CFG")
+    with msa.tuning.override(prefill=cfg) if cfg else contextlib.nullcontext():
+        return _run(msa, timing)
+
+
+def _run(msa, timing) -> list:
     dev = torch.device("cuda")
     results = []
     sizes = [int(x) for x in os.environ.get("MSA_BENCH_SIZES", "4096,32768,131072").split(",")]
@@ -160,8 +168,8 @@ class _LocalTiming:
 
 
 def sweep(msa, timing, cfgs, csr_chunks, S=32768):
-    """Tuning: time attention (graph replay) per ``MSA_PREFILL_CFG`` value and build_k2q_csr per
-    ``MSA_CSR_CHUNK_ENTRIES`` value at one size, each config checked against the first one's output."""
+    """Tuning: time attention (graph replay) per tile config (``tuning.override(prefill=cfg)``) and build_k2q_csr
+    per chunk size (``tuning.override(csr_chunk_entries=ch)``) at one size, each checked against the first one."""
     dev = torch.device("cuda")
     q2k = m3_selection(S, HKV, TOPK, dev)
     cu = torch.tensor([0, S], dtype=torch.int32, device=dev)
@@ -181,30 +189,28 @@ def sweep(msa, timing, cfgs, csr_chunks, S=32768):
 
     q2ks = [(m3_selection(S, HKV, TOPK, dev, seed=s),) for s in range(3)]
     for ch in csr_chunks:
-        os.environ["MSA_CSR_CHUNK_ENTRIES"] = str(ch)
         try:
-            rp, qi = msa.build_k2q_csr(q2k, cu, cu, 128, total_k=S, max_seqlen_k=S, max_seqlen_q=S)
-            same = torch.equal(rp, ref_csr[0]) and torch.equal(qi, ref_csr[1])
-            t = timing.bench_graph(lambda x: msa.build_k2q_csr(x, cu, cu, 128, total_k=S, max_seqlen_k=S,
-                                                               max_seqlen_q=S), q2ks)
+            with msa.tuning.override(csr_chunk_entries=ch):
+                rp, qi = msa.build_k2q_csr(q2k, cu, cu, 128, total_k=S, max_seqlen_k=S, max_seqlen_q=S)
+                same = torch.equal(rp, ref_csr[0]) and torch.equal(qi, ref_csr[1])
+                t = timing.bench_graph(lambda x: msa.build_k2q_csr(x, cu, cu, 128, total_k=S, max_seqlen_k=S,
+                                                                   max_seqlen_q=S), q2ks)
             print(f"CSR chunk {ch}: build {t:.0f} us, identical {same}", flush=True)
         except Exception as e:  # noqa: BLE001
             print(f"CSR chunk {ch}: {type(e).__name__}: {str(e)[:200]}", flush=True)
-    os.environ.pop("MSA_CSR_CHUNK_ENTRIES", None)
     ref = None
     for cfg in cfgs:
-        os.environ["MSA_PREFILL_CFG"] = cfg
         try:
-            o = attn(*inputs[0]).float()
-            if ref is None:
-                ref = o
-            err = (o - ref).abs().max().item()
-            t = timing.bench_graph(attn, inputs)
+            with msa.tuning.override(prefill=cfg):
+                o = attn(*inputs[0]).float()
+                if ref is None:
+                    ref = o
+                err = (o - ref).abs().max().item()
+                t = timing.bench_graph(attn, inputs)
             print(f"CFG {cfg}: attn {t:.0f} us, {flops / (t * 1e-6) / 1e12:.1f} TFLOP/s, max|d| vs first {err:.2e}",
                   flush=True)
         except Exception as e:  # noqa: BLE001
             print(f"CFG {cfg}: {type(e).__name__}: {str(e)[:200]}", flush=True)
-    os.environ.pop("MSA_PREFILL_CFG", None)
 
 
 if __name__ == "__main__":

@@ -16,13 +16,13 @@ shuffled page table:
   ``fp4_indexer_block_scores`` (causal, ``[4, NB, T]``) -> ``native_topk_from_scores``
   (``force_local_blocks=1``) -> ``build_k2q_csr`` -> ``sparse_atten_func`` (paged, causal, LSE).
 
-Checks (each against a float64 reference written here or in ``tests/reference.py``):
+Checks (each against a float64 reference written here or in ``msa.testing``):
 
 * block scores: float64 on the exact inputs (bf16 index K; dequantised FP4 values), atol 0.1 /
   rtol 0.01 on finite entries, the -inf pattern exact (API.md §3.5);
 * selection: exact equality with an independent top-k of the *kernel's* scores (§6.3, §11.3);
-* CSR: exact equality with ``tests/reference.py::build_k2q_csr_ref`` (§5.3);
-* attention: ``tests/reference.py::attention_ref`` in float64 over the tokens of the selected blocks
+* CSR: exact equality with ``msa.testing.build_k2q_csr_ref`` (§5.3);
+* attention: ``msa.testing.attention_ref`` in float64 over the tokens of the selected blocks
   only (per KV group and chunk of query rows, so memory stays bounded at 1M tokens). Gates:
   ours cos >= 0.9999, max-abs <= 1e-2, LSE atol = rtol = 1e-3; peer cos >= 0.999, max-abs <= 5e-2.
 """
@@ -39,10 +39,8 @@ import torch
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 REPO_ID = "flashrt/MiniMaxAI-msa-blackwell"
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
-
-from tests.reference import attention_ref, build_k2q_csr_ref  # noqa: E402
+# float64 references: the ``testing`` module of the package ``load_msa`` loaded (set there)
+REFS = None
 
 HQ, HKV, D, BS, TOPK = 64, 4, 128, 128, 16
 HIDX = HKV  # M3: one index-Q head per KV group
@@ -72,7 +70,10 @@ def load_msa():
     os.environ.setdefault("LOCAL_KERNELS", f"{REPO_ID}={REPO}")
     from kernels import get_kernel
 
-    return get_kernel(REPO_ID, version=1, trust_remote_code=True)
+    global REFS
+    msa = get_kernel(REPO_ID, version=1, trust_remote_code=True)
+    REFS = msa.testing
+    return msa
 
 
 def sync():
@@ -246,7 +247,7 @@ def fp4_chunk_scores_ref(qd: torch.Tensor, T: int, k_data, k_scale_flat, pt_row,
 
 def attention_ref_selected(q, k, v, pt_row, lk: int, idx, lim=None, *, scale: float = SCALE,
                            budget_bytes: int = 512 << 20, progress=None):
-    """``tests/reference.py::attention_ref`` (float64) restricted to the tokens of the selected blocks.
+    """``msa.testing.attention_ref`` (float64) restricted to the tokens of the selected blocks.
 
     One request: ``q [n, Hq, D]`` rows, paged ``k, v [P, Hkv, 128, D]``, ``pt_row [W]``, KV length ``lk``,
     ``idx [Hkv, n, topk]`` block ids (negative / past ``lk`` / past the table: ignored; duplicates once),
@@ -290,7 +291,7 @@ def attention_ref_selected(q, k, v, pt_row, lk: int, idx, lim=None, *, scale: fl
             vis = sel[:, :U].repeat_interleave(BS, dim=1) & (x < lk).view(1, -1)
             if lim is not None:
                 vis &= x.view(1, -1) <= lim[r0:r1].to(dev).view(-1, 1)
-            o, lse, _ = attention_ref(q[r0:r1, g * g_sz:(g + 1) * g_sz].to(dev), kg, vg, vis.unsqueeze(0), scale)
+            o, lse, _ = REFS.attention_ref(q[r0:r1, g * g_sz:(g + 1) * g_sz].to(dev), kg, vg, vis.unsqueeze(0), scale)
             O[r0:r1, g * g_sz:(g + 1) * g_sz] = o
             LSE[r0:r1, g * g_sz:(g + 1) * g_sz] = lse
             if progress and steps >= 64 and done % (steps // 4) == 0:
@@ -507,11 +508,11 @@ def checked_pipeline(msa, c, s, *, progress=log, wrapper=False):
     want = topk_ref(r.scores.permute(0, 2, 1), c.row_lens, BS, TOPK, force=1)
     add("prefill", "native_topk_from_scores (local forced)", f"[{HIDX}, {T}, {r.scores.shape[1]}] -> top-{TOPK}",
         exact_metrics(int((r.q2k.cpu() != want).any(-1).sum()), HIDX * T), t_call, time.perf_counter() - t0, "fp32")
-    progress("[prefill 3/5] build_k2q_csr vs tests/reference.py::build_k2q_csr_ref")
+    progress("[prefill 3/5] build_k2q_csr vs msa.testing.build_k2q_csr_ref")
     (rp, qi), t_call = _timed(lambda: prefill_csr(msa, c, r.q2k))
     r.rp, r.qi = rp, qi
     t0 = time.perf_counter()
-    rp_ref, qi_ref = build_k2q_csr_ref(r.q2k.cpu(), [0, T], [0, L], total_rows=rp.shape[1] - 1,
+    rp_ref, qi_ref = REFS.build_k2q_csr_ref(r.q2k.cpu(), [0, T], [0, L], total_rows=rp.shape[1] - 1,
                                        max_kv_blocks=-(-max(L, BS) // BS))
     bad = int((rp.cpu() != rp_ref).sum()) + int((qi.cpu() != qi_ref).sum())
     add("prefill", "build_k2q_csr", f"rows {rp.shape[1] - 1}, entries {qi.shape[1]}",
@@ -679,7 +680,7 @@ def _csr_adversarial_row(msa, c, gpu, iters):
     fn = lambda: msa.build_k2q_csr(*args, BS, total_k=L + L2, max_seqlen_k=L, max_seqlen_q=max(T1, T2))  # noqa: E731
     (rp, qi), t_call = _timed(fn)
     t0 = time.perf_counter()
-    rp_ref, qi_ref = build_k2q_csr_ref(q2k, cu_q, cu_k, total_rows=rp.shape[1] - 1, max_kv_blocks=-(-max(L, BS) // BS))
+    rp_ref, qi_ref = REFS.build_k2q_csr_ref(q2k, cu_q, cu_k, total_rows=rp.shape[1] - 1, max_kv_blocks=-(-max(L, BS) // BS))
     bad = int((rp.cpu() != rp_ref).sum()) + int((qi.cpu() != qi_ref).sum())
     row = dict(stage="prefill", op="build_k2q_csr (2 requests, adversarial ids)", dtype="int32",
                shape=f"q ({T1}, {T2}), k ({L}, {L2})", call_s=t_call, ref_s=time.perf_counter() - t0,

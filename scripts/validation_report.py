@@ -3,7 +3,7 @@
 
 Sections (``--sections``, default all three):
 
-* ``correctness``: fresh random inputs, float64 references from ``tests/reference.py`` (dense masks),
+* ``correctness``: fresh random inputs, float64 references from ``msa.testing`` (dense masks),
   one row per check: official decode (messy ids, MTP, dense path), the decode wrapper, the direct
   token-major decode (with sink), prefill dense and paged (varlen, causal, LSE), NVFP4-KV prefill, the
   FP4 indexer and the decode indexer (scores and selection), top-k from scores, and the CSR builder;
@@ -41,15 +41,6 @@ REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 
 import long_context as lc  # noqa: E402
-from tests.reference import (  # noqa: E402
-    attention_ref,
-    build_k2q_csr_ref,
-    gather_paged,
-    paged_decode_ref,
-    q2k_block_mask,
-    token_major_decode_ref,
-    visible_from_blocks,
-)
 
 BS, D = 128, 128
 
@@ -196,7 +187,7 @@ def chk_decode(msa, ctx: Ctx):
         (out, lse), us = _call(lambda: msa.sparse_decode_atten_func(
             q, k, v, idx, page_table=pt, seqused_k=sk, seqlen_q=sq, max_seqlen_k=max(lens),
             return_softmax_lse=True), ctx)
-        o_ref, l_ref = paged_decode_ref(q, k, v, idx, pt, sk, sq)
+        o_ref, l_ref = lc.REFS.paged_decode_ref(q, k, v, idx, pt, sk, sq)
         rows.append(_row(label, f"B={len(lens)} Hq={ctx.hq} Hkv={ctx.hkv} L<={max(lens)} top-{ctx.topk}",
                          lc.attn_metrics(out, o_ref, lse, l_ref), us, ctx.dtype))
     return rows
@@ -211,7 +202,7 @@ def chk_wrapper(msa, ctx: Ctx):
     out = torch.empty_like(q)
     lse = torch.empty(q.shape[0], ctx.hq, dtype=torch.float32, device=ctx.dev)
     (o, l), us = _call(lambda: w.run(q, k, v, return_softmax_lse=True, out=out, lse=lse), ctx)
-    o_ref, l_ref = paged_decode_ref(q, k, v, idx, pt, sk, 1)
+    o_ref, l_ref = lc.REFS.paged_decode_ref(q, k, v, idx, pt, sk, 1)
     rows = [_row("SparseDecodePagedAttentionWrapper.run(out=, lse=)", f"B={len(lens)} Hq={ctx.hq} top-{ctx.topk}",
                  lc.attn_metrics(o, o_ref, l, l_ref), us, ctx.dtype)]
     f = msa.sparse_decode_atten_func(q, k, v, idx, page_table=pt, seqused_k=sk, seqlen_q=1, max_seqlen_k=max(lens))
@@ -237,7 +228,7 @@ def chk_direct(msa, ctx: Ctx):
     rows = [_index_row(-(-L // BS), ctx.topk, True, gen) for L in lens for _ in range(ctx.hkv)]
     idx = torch.stack(rows).view(B, ctx.hkv, ctx.topk).permute(1, 0, 2).contiguous().to(torch.int32).to(ctx.dev)
     o, us = _call(lambda: msa.flash_decode_with_gqa_share_sparse(q, sink, kc, vc, r2t, seq, slot_ids, BS, idx), ctx)
-    o_ref, _ = token_major_decode_ref(q, kc, vc, r2t, seq, slot_ids, BS, idx, sink=sink)
+    o_ref, _ = lc.REFS.token_major_decode_ref(q, kc, vc, r2t, seq, slot_ids, BS, idx, sink=sink)
     return [_row("flash_decode_with_gqa_share_sparse (token-major, sink, messy ids)",
                  f"B={B} Hq={ctx.hq} top-{ctx.topk}", lc.attn_metrics(o, o_ref), us, ctx.dtype)]
 
@@ -253,8 +244,8 @@ def _prefill_problem(ctx: Ctx, reqs, seed):
     kp = torch.randn(P, ctx.hkv, BS, D, generator=gen).to(ctx.dtype).to(ctx.dev)
     vp = torch.randn(P, ctx.hkv, BS, D, generator=gen).to(ctx.dtype).to(ctx.dev)
     pt = torch.randperm(P, generator=gen)[:B * maxp].view(B, maxp).to(torch.int32).to(ctx.dev)
-    kd = torch.cat([gather_paged(kp, pt[b], lk[b]) for b in range(B)])
-    vd = torch.cat([gather_paged(vp, pt[b], lk[b]) for b in range(B)])
+    kd = torch.cat([lc.REFS.gather_paged(kp, pt[b], lk[b]) for b in range(B)])
+    vd = torch.cat([lc.REFS.gather_paged(vp, pt[b], lk[b]) for b in range(B)])
     cu_q = [0]
     cu_k = [0]
     for a, b in reqs:
@@ -289,8 +280,8 @@ def _prefill_ref(ctx, p, kd, vd):
         q0, q1 = p["cu_q"][b], p["cu_q"][b + 1]
         k0, k1 = p["cu_k"][b], p["cu_k"][b + 1]
         nb = -(-p["lk"][b] // BS)
-        vis = visible_from_blocks(q2k_block_mask(p["q2k"][:, q0:q1], nb), q1 - q0, k1 - k0, causal=True)
-        o, lse, _ = attention_ref(p["q"][q0:q1], kd[k0:k1], vd[k0:k1], vis, D ** -0.5)
+        vis = lc.REFS.visible_from_blocks(lc.REFS.q2k_block_mask(p["q2k"][:, q0:q1], nb), q1 - q0, k1 - k0, causal=True)
+        o, lse, _ = lc.REFS.attention_ref(p["q"][q0:q1], kd[k0:k1], vd[k0:k1], vis, D ** -0.5)
         outs.append(o)
         lses.append(lse)
     return torch.cat(outs), torch.cat(lses)
@@ -336,8 +327,8 @@ def chk_nvfp4(msa, ctx: Ctx):
     (o, l), us = _call(lambda: msa.sparse_atten_nvfp4_kv_func(
         q, qk.data, qv.data, qk.scale_128x4, qv.scale_128x4, qk.global_scale, qv.global_scale, rp, qi, topk,
         cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=T, max_seqlen_k=T, causal=True, return_softmax_lse=True), ctx)
-    vis = visible_from_blocks(q2k_block_mask(q2k.cpu(), nb), T, T, causal=True)
-    o_ref, l_ref, _ = attention_ref(q, kd.to(ctx.dev), vd.to(ctx.dev), vis, D ** -0.5)
+    vis = lc.REFS.visible_from_blocks(lc.REFS.q2k_block_mask(q2k.cpu(), nb), T, T, causal=True)
+    o_ref, l_ref, _ = lc.REFS.attention_ref(q, kd.to(ctx.dev), vd.to(ctx.dev), vis, D ** -0.5)
     # NVFP4 V spans |e2m1*scale*global| up to ~6 here, so rows attending to few keys have |O| of that size and
     # their bf16 rounding alone is |O|*2^-9: the max-abs gate is taken on O / max(1, max|O_ref| of the row)
     # (as in tests/test_nvfp4_attention.py; identical for unit-scale rows).
@@ -418,7 +409,7 @@ def chk_csr(msa, ctx: Ctx):
         (rp, qi), us = _call(lambda: msa.build_k2q_csr(q2k.to(ctx.dev), cq, ck, BS, total_k=cu_k[-1],
                                                        max_seqlen_k=max_lk, max_seqlen_q=max(a for a, _ in reqs),
                                                        total_rows=tr), ctx)
-        rp_ref, qi_ref = build_k2q_csr_ref(q2k, cu_q, cu_k, total_rows=rp.shape[1] - 1, max_kv_blocks=max_kvb)
+        rp_ref, qi_ref = lc.REFS.build_k2q_csr_ref(q2k, cu_q, cu_k, total_rows=rp.shape[1] - 1, max_kv_blocks=max_kvb)
         bad = (int((rp.cpu() != rp_ref).sum()) + int((qi.cpu() != qi_ref).sum())) if rp.shape == rp_ref.shape \
             and qi.shape == qi_ref.shape else rp.numel() + qi.numel()
         rows.append(_row(f"build_k2q_csr (ragged, adversarial ids; {label})",
@@ -553,7 +544,7 @@ def render(meta, sections):
            "Gates per row — **peer**: cos ≥ 0.999 and max-abs ≤ 5e-2; **ours**: cos ≥ 0.9999, max-abs ≤ 1e-2 and LSE "
            "within atol = rtol = 1e-3 (-inf pattern exact). Block-score rows: finite entries within atol 0.1 / "
            "rtol 0.01 and the -inf pattern exact (ours), cosine over the finite entries (peer). Top-k and CSR rows: "
-           "exact equality (both). References are float64 (`tests/reference.py`, `scripts/long_context.py`); "
+           "exact equality (both). References are float64 (`msa.testing`, `scripts/long_context.py`); "
            "inputs are fresh random values. µs: median of eager calls timed with CUDA events (GPU) or the "
            "wall-clock of one interpreted call (CPU).", ""]
     if "correctness" in sections:

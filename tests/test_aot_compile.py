@@ -72,7 +72,7 @@ def test_aot_configs_follow_runtime_tables():
     stages follow DECODE_CONFIGS, and sm_90's entries are the H100-measured ones."""
     code = r"""
 import sys; sys.path.insert(0, 'torch-ext')
-from msa_blackwell import decode_kernel as dk, prefill as pf
+from msa_blackwell import decode_kernel as dk, prefill_kernel as pf
 for arch in (90, 100, 120, 121):
     major = arch // 10
     st = {c.num_stages for c in dk.aot_configs(arch)}
@@ -82,10 +82,10 @@ for arch in (90, 100, 120, 121):
         got = {(c.args['G'], c.args['BMT'], c.args['BNS'], c.num_warps, c.num_stages) for c in cfgs
                if c.args['KV_FMT'] == nv}
         t_nv = pf.config_table(major, nvfp4=bool(nv))
-        assert got == {(G, t[0], t[1], t[2], t[3]) for G, t in t_nv.items()}, (arch, nv, got)
-assert pf.config_table(12) is pf._CFG_SM12 and pf.config_table(9) is pf._CFG_SM90
-assert pf._CFG_SM90[16] == (8, 64, 8, 3, True) and pf._CFG_SM90[1] == (64, 64, 8, 2, True)
-assert pf.config_table(10) is pf._CFG_SM100 and all(c[3] <= 2 for c in pf._CFG_SM100.values())
+        assert got == {(G, t.bmt, t.bns, t.num_warps, t.num_stages) for G, t in t_nv.items()}, (arch, nv, got)
+assert pf.config_table(12) is pf.CFG_SM12 and pf.config_table(9) is pf.CFG_SM90
+assert pf.CFG_SM90[16] == pf.PrefillConfig(8, 64, 8, 3, True) and pf.CFG_SM90[1] == pf.PrefillConfig(64, 64, 8, 2, True)
+assert pf.config_table(10) is pf.CFG_SM100 and all(c.num_stages <= 2 for c in pf.CFG_SM100.values())
 assert dk.DECODE_CONFIGS[9]['num_stages'] == 3 and dk.DECODE_CONFIGS[9]['ctas_per_sm'] == 1
 print('ok')
 """

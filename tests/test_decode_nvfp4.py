@@ -27,6 +27,7 @@ D = 128
 BS = 128
 dk = importlib.import_module(msa.__name__ + ".decode_kernel")
 dec = importlib.import_module(msa.__name__ + ".decode")
+tuning = importlib.import_module(msa.__name__ + ".tuning")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -201,23 +202,23 @@ def test_prefetch_modes(device, monkeypatch, pf):
     """FP4_PF 1 (int32-word packed loads) / 2 (words + next-tile register prefetch) match the oracle and the
     byte path (mode 0) exactly: several tiles per chunk, skipped / duplicate ids, split and non-split plans."""
     q, qk, qv, idx, pt, sk = nvfp4_problem([520, 300], hkv=1, g=4, topk=4, device=device)
-    monkeypatch.setenv("MSA_DECODE_FP4_PF", "0")
-    ref = run_fp4(q, qk, qv, idx, pt, sk, 1)
-    monkeypatch.setenv("MSA_DECODE_FP4_PF", pf)
-    assert dk.fp4_prefetch_mode(q.device, qk.data, qv.data) == int(pf)
-    out, lse = run_fp4(q, qk, qv, idx, pt, sk, 1)
-    check_fp4(out, lse, q, qk, qv, idx, pt, sk, 1)
-    # modes 1 / 2 on a GPU are different compilations (word loads / register prefetch reorder the arithmetic):
-    # measured up to 1.2e-4 apart from mode 0 on an H100, so they are checked to a tolerance there
-    ot, lt = (0, 0) if q.device.type == "cpu" else (2e-3, 1e-4)
-    torch.testing.assert_close(out, ref[0], atol=ot, rtol=0)
-    torch.testing.assert_close(lse, ref[1], atol=lt, rtol=0)
-    # one program per unit: the whole top-k list in one chunk (prefetch crosses every tile)
-    w = msa.SparseDecodePagedAttentionWrapper().plan(page_table=pt, seqused_k=sk, seqlen_q=1, max_seqlen_k=520,
-                                                    q2k_indices=idx, num_qo_heads=4, num_kv_heads=1,
-                                                    disable_split_kv=True)
-    out2 = w.run(q, qk, qv)
-    check_fp4(out2, None, q, qk, qv, idx, pt, sk, 1)
+    with tuning.override(decode_fp4_prefetch=0):
+        ref = run_fp4(q, qk, qv, idx, pt, sk, 1)
+    with tuning.override(decode_fp4_prefetch=int(pf)):
+        assert dk.fp4_prefetch_mode(q.device, qk.data, qv.data) == int(pf)
+        out, lse = run_fp4(q, qk, qv, idx, pt, sk, 1)
+        check_fp4(out, lse, q, qk, qv, idx, pt, sk, 1)
+        # modes 1 / 2 on a GPU are different compilations (word loads / register prefetch reorder the arithmetic):
+        # measured up to 1.2e-4 apart from mode 0 on an H100, so they are checked to a tolerance there
+        ot, lt = (0, 0) if q.device.type == "cpu" else (2e-3, 1e-4)
+        torch.testing.assert_close(out, ref[0], atol=ot, rtol=0)
+        torch.testing.assert_close(lse, ref[1], atol=lt, rtol=0)
+        # one program per unit: the whole top-k list in one chunk (prefetch crosses every tile)
+        w = msa.SparseDecodePagedAttentionWrapper().plan(page_table=pt, seqused_k=sk, seqlen_q=1, max_seqlen_k=520,
+                                                        q2k_indices=idx, num_qo_heads=4, num_kv_heads=1,
+                                                        disable_split_kv=True)
+        out2 = w.run(q, qk, qv)
+        check_fp4(out2, None, q, qk, qv, idx, pt, sk, 1)
 
 
 def test_prefetch_mode_fallback():
@@ -225,8 +226,7 @@ def test_prefetch_mode_fallback():
     k = torch.zeros(3, 2, 8, 64, dtype=torch.uint8)
     dev = torch.device("cpu")
     for pf in ("1", "2"):
-        with pytest.MonkeyPatch.context() as mp:
-            mp.setenv("MSA_DECODE_FP4_PF", pf)
+        with tuning.override(decode_fp4_prefetch=int(pf)):
             assert dk.fp4_prefetch_mode(dev, k, k) == int(pf)
             assert dk.fp4_prefetch_mode(dev, k[:, :, :, 1:63], k) == 0  # misaligned base pointer
             wide = torch.zeros(3, 2, 8, 66, dtype=torch.uint8)[..., :64]
@@ -591,8 +591,8 @@ def test_gpu_decoders_agree(monkeypatch):
     q, qk, qv, idx, pt, sk, kd, vd = _gpu_fp4(8, 8192)
     res = {}
     for d in ("0", "1"):
-        monkeypatch.setenv("MSA_DECODE_FP4_DEC", d)
-        res[d] = run_fp4(q, qk, qv, idx, pt, sk, 1)
+        with tuning.override(decode_fp4_decoder=int(d)):
+            res[d] = run_fp4(q, qk, qv, idx, pt, sk, 1)
     if not (torch.equal(res["0"][0], res["1"][0]) and torch.equal(res["0"][1], res["1"][1])):
         warnings.warn("NVFP4 decoders not bitwise equal: max |dO| = "
                       f"{(res['0'][0].float() - res['1'][0].float()).abs().max().item():.3g}")
@@ -608,8 +608,8 @@ def test_gpu_prefetch_modes_agree(monkeypatch, b):
     q, qk, qv, idx, pt, sk, kd, vd = _gpu_fp4(b, 8192)
     res = {}
     for pf in ("0", "1", "2"):
-        monkeypatch.setenv("MSA_DECODE_FP4_PF", pf)
-        res[pf] = run_fp4(q, qk, qv, idx, pt, sk, 1)
+        with tuning.override(decode_fp4_prefetch=int(pf)):
+            res[pf] = run_fp4(q, qk, qv, idx, pt, sk, 1)
     for pf, (ot, lt) in (("1", (2e-3, 1e-4)), ("2", (2e-3, 1e-4))):  # different compilations: see test_prefetch_modes
         torch.testing.assert_close(res[pf][0].float(), res["0"][0].float(), atol=ot, rtol=0)
         torch.testing.assert_close(res[pf][1], res["0"][1], atol=lt, rtol=0)

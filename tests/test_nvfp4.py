@@ -83,7 +83,7 @@ def ref_off(r, c, cols):
 
 
 def ref_quantize(x: torch.Tensor):
-    """§5.8 in numpy float32 plus the NaN policy (docs/POLICIES.md): NaN elements do not enter the amax, and a
+    """§5.8 in numpy float32 plus the NaN policy (docs/API.md §12.3): NaN elements do not enter the amax, and a
     16-element block holding a NaN gets scale byte 0x7F (NaN) and all-zero codes.
     Returns (data uint8 [R, D/2], scale bytes [R', C'], global fp32, codes)."""
     xf = x.detach().to(torch.float32).cpu().reshape(-1, x.shape[-1]).numpy().astype(np.float32)
@@ -510,7 +510,7 @@ def test_dequantize_argument_types_and_values():
     # global_scale is validated even when it is not applied
     with pytest.raises(ValueError, match="global_scale"):
         dequantize(dataclasses.replace(q, global_scale=torch.empty(0)), include_global_scale=False)
-    # a non-finite global scale is a value, not an error: it propagates (docs/POLICIES.md)
+    # a non-finite global scale is a value, not an error: it propagates (docs/API.md §12.4)
     out = dequantize(dataclasses.replace(q, global_scale=torch.tensor([float("inf")]))).float()
     base = dequantize(q, include_global_scale=False).float()
     assert torch.isinf(out[base != 0]).all() and torch.isnan(out[base == 0]).all()  # x * inf, 0 * inf

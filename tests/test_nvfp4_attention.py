@@ -283,7 +283,7 @@ def test_fused_noncontiguous_inputs(device):
 def test_fused_opcheck_and_compile(device):
     inp = build(device, qdtype=torch.float16, paged=False, mode="raw_gs", lq=[3], lk=[130], hq=2, hkv=1, topk=2)
     qk, qv = inp["qk"], inp["qv"]
-    op = msa.nvfp4_attention._sparse_prefill_nvfp4_op
+    op = msa.prefill._sparse_prefill_nvfp4_op
     args = (inp["q"], qk.data, qv.data, qk.scale_128x4, qv.scale_128x4, inp["kg"], None, inp["rp"], inp["qi"],
             inp["cu_q"], inp["cu_k"], None, None, 2, True, 0.08, 0.5, True)
     torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))

@@ -1,5 +1,6 @@
 """Shared argument validation: clear TypeError/ValueError naming the argument, no host sync."""
 
+import operator
 import os
 from typing import Iterable, Optional, Sequence
 
@@ -94,7 +95,7 @@ def check_head_dim(name: str, d: int, allowed: Sequence[int] = (128,)):
 
 
 def attention_out_dtype(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, allow_fp8_q: bool = True) -> torch.dtype:
-    """Validate the Q/K/V dtype matrix (API.md 3.1) and return the output dtype."""
+    """Validate the Q/K/V dtype matrix (docs/API.md §3.1) and return the output dtype."""
     if k.dtype != v.dtype:
         raise TypeError(f"k and v must have the same dtype, got {k.dtype} and {v.dtype}")
     qd, kd = q.dtype, k.dtype
@@ -115,3 +116,14 @@ def default_scale(softmax_scale, head_dim: int) -> float:
     if s != s or s in (float("inf"), float("-inf")):
         raise ValueError(f"softmax_scale must be finite, got {softmax_scale}")
     return s
+
+
+def check_host_index(name: str, value) -> int:
+    """An integer given as anything with ``__index__`` (int, numpy int, SymInt; not bool); TypeError otherwise.
+    Returns it as an int."""
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, got bool")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}") from None

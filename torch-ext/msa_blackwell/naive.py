@@ -1,4 +1,4 @@
-"""Pure-PyTorch references of the direct decode helpers (API.md 6.5, 6.6).
+"""Pure-PyTorch references of the direct decode helpers (docs/API.md §6.5, 6.6).
 
 They run on CPU or CUDA, may synchronise with the host, compute in float32 and are meant for tests
 and debugging, not speed. Shared building blocks (`_gather_5d`, `_block_visibility`,
@@ -90,7 +90,7 @@ def _check_naive_common(q, sink, kv_cache, seq_lens, slot_ids, block_size):
 
 def naive_flash_decode_with_gqa_share_sparse(q, sink, kv_cache, seq_lens, slot_ids, block_size, topk_idx,
                                              sm_scale=None) -> torch.Tensor:
-    """Reference sparse decode (API.md 6.6) over the contiguous 5-D cache.
+    """Reference sparse decode (docs/API.md §6.6) over the contiguous 5-D cache.
 
     q [B, Hq, D]; sink [Hq, D] or None; kv_cache [max_slots, 2, max_len, Hkv, D] indexed by
     ``slot_ids [B]`` (negative = from the end); seq_lens [B] (clamped to [0, max_len]);

@@ -1,4 +1,4 @@
-"""Triton helpers that read NVFP4 K/V tiles inside the attention kernels (API.md §5.6, §5.13).
+"""Triton helpers that read NVFP4 K/V tiles inside the attention kernels (docs/API.md §5.6, §5.13).
 
 The attention kernels never materialise dequantised K/V in memory: they call ``nvfp4_tile`` where
 they would load a bf16 tile. It reads the packed E2M1 bytes and the 128x4-swizzled E4M3 block
@@ -12,7 +12,27 @@ and lies in [2^-10, 2688], so the product is exact in bf16 and in fp16: the tile
 import triton
 import triton.language as tl
 
-from .nvfp4 import _e2m1_code_to_f32, _e4m3_code_to_f32
+
+@triton.jit
+def e4m3_code_to_f32(code):
+    """Value of an E4M3FN byte (int32, sign bit 7); 0x7F/0xFF decode to NaN."""
+    mag = code & 0x7F
+    e = mag >> 3
+    m = mag & 7
+    normal = (((e + 120) << 23) | (m << 20)).to(tl.float32, bitcast=True)
+    sub = m.to(tl.float32) * 0.001953125
+    val = tl.where(e == 0, sub, normal)
+    val = tl.where(mag == 0x7F, float("nan"), val)
+    return tl.where((code & 0x80) != 0, -val, val)
+
+
+@triton.jit
+def e2m1_code_to_f32(code):
+    """Value of an E2M1 nibble (int32 0..15): sign bit 3, magnitude [0, .5, 1, 1.5, 2, 3, 4, 6]."""
+    m = code & 7
+    bits = tl.where(m >= 2, (((m >> 1) + 126) << 23) | ((m & 1) << 22), tl.where(m == 1, 0x3F000000, 0))
+    bits = bits | ((code & 8) << 28)
+    return bits.to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -33,13 +53,13 @@ def nvfp4_tile(P, S, byte_off, srow, ok, sd, N: tl.constexpr, D: tl.constexpr, C
     CP: tl.constexpr = (C + 3) // 4 * 4
     ob = tl.arange(0, D // 2)
     byte = tl.load(P + byte_off[:, None] + ob[None, :] * sd, mask=ok[:, None], other=0).to(tl.int32) & 0xFF
-    lo = _e2m1_code_to_f32(byte & 15)
-    hi = _e2m1_code_to_f32(byte >> 4)
+    lo = e2m1_code_to_f32(byte & 15)
+    hi = e2m1_code_to_f32(byte >> 4)
     x = tl.reshape(tl.join(lo, hi), [N, D])  # element 2k = low nibble of byte k, 2k+1 = high nibble
     c = tl.arange(0, C)
     soff = nvfp4_scale_offset(srow[:, None], c[None, :], CP)
     sb = tl.load(S + soff, mask=ok[:, None], other=0).to(tl.int32) & 0xFF
-    sf = _e4m3_code_to_f32(sb)
+    sf = e4m3_code_to_f32(sb)
     x = tl.reshape(tl.reshape(x, [N, C, 16]) * sf[:, :, None], [N, D])
     return x.to(CDT)
 

@@ -1,35 +1,16 @@
-"""API-status helpers (API.md §7.2): which official MiniMaxAI/msa names this build provides."""
+"""API-status helpers (docs/API.md §7.2): which official MiniMaxAI/msa names this build provides.
+
+The name lists are slices of the package's ``__all__`` (official names first, then the direct helpers, then
+``MsaUnsupportedError`` and the names of this module), so there is one list of public names.
+"""
 
 import copy
 import types
 
-OFFICIAL_MINIMAX_MSA_FUNCTIONS = (
-    "sparse_atten_func",
-    "sparse_atten_nvfp4_kv_func",
-    "sparse_decode_atten_func",
-    "SparseDecodePagedAttentionWrapper",
-    "fp4_indexer_block_scores",
-    "build_k2q_csr",
-    "SparseK2qCsrBuilderSm100",
-    "Nvfp4QuantizedTensor",
-    "quantize_bf16_to_nvfp4_128x4",
-    "quantize_kv_bf16_to_nvfp4_128x4",
-    "dequantize_nvfp4_128x4_to_bf16",
-    "swizzle_nvfp4_scale_to_128x4",
-    "nvfp4_global_scale_from_amax",
-)
+from . import __all__ as _PUBLIC
 
-V1_AVAILABLE_FUNCTIONS = OFFICIAL_MINIMAX_MSA_FUNCTIONS + (
-    "has_native_ops",
-    "native_topk_from_scores",
-    "native_nvfp4_dequant_swizzled_to_bf16",
-    "flash_decode_with_topk_idx",
-    "flash_decode_with_gqa_share_sparse",
-    "naive_flash_decode_with_topk_idx",
-    "naive_flash_decode_with_gqa_share_sparse",
-    "get_cu_seqblocks",
-    "robust_allocator",
-)
+OFFICIAL_MINIMAX_MSA_FUNCTIONS = tuple(_PUBLIC[:_PUBLIC.index("has_native_ops")])
+V1_AVAILABLE_FUNCTIONS = tuple(_PUBLIC[:_PUBLIC.index("MsaUnsupportedError")])
 
 _TARGET = "NVIDIA compute capability 9.0, 10.0, 12.0, 12.1 (Triton + native CUDA top-k)"
 _REASONS = {

@@ -1,4 +1,4 @@
-"""Host-side helpers (API.md 6.7, 6.8): ``get_cu_seqblocks`` and ``robust_allocator``."""
+"""Host-side helpers (docs/API.md §6.7, 6.8): ``get_cu_seqblocks`` and ``robust_allocator``."""
 
 import collections
 from typing import Optional
