@@ -67,17 +67,27 @@ class TritonLauncher:
         self.kernel = kernel
         self.compiled = {}
 
-    def __call__(self, grid, args, *, key=None, num_warps=4, num_stages=2):
+    def __call__(self, grid, args, *, key=None, slot=None, num_warps=4, num_stages=2, n_ptr=None):
         """grid: tuple of 1-3 ints; args: tuple of every kernel parameter; key: hashable static signature of
-        this launch (None: always the normal Triton path)."""
-        direct = _DIRECT_OK and key is not None and args[0].is_cuda and not interpreter_active()
+        this launch, or slot: a dict owned by the caller's cache entry for such a signature (grid, warps and
+        stages included), which then holds the compiled kernels; neither: always the normal Triton path.
+        n_ptr: the tensors are exactly ``args[:n_ptr]`` (None: any argument may be a tensor)."""
+        direct = (_DIRECT_OK and (key is not None or slot is not None) and args[0].is_cuda
+                  and not interpreter_active())
         if direct:
             align = 0
-            for a in args:
-                if isinstance(a, torch.Tensor):
-                    align = (align << 1) | ((a.data_ptr() & 15) == 0)
-            full = (key, align, num_warps, num_stages, args[0].get_device())
-            ck = self.compiled.get(full)
+            if n_ptr is None:
+                for a in args:
+                    if isinstance(a, torch.Tensor):
+                        align = (align << 1) | ((a.data_ptr() & 15) == 0)
+            else:
+                for i in range(n_ptr):
+                    align = (align << 1) | ((args[i].data_ptr() & 15) == 0)
+            if slot is not None:
+                store, full = slot, align
+            else:
+                store, full = self.compiled, (key, align, num_warps, num_stages, args[0].get_device())
+            ck = store.get(full)
             if ck is not None:
                 g = grid + (1, 1)
                 stream = torch._C._cuda_getCurrentRawStream(args[0].get_device())
@@ -91,6 +101,6 @@ class TritonLauncher:
                     direct = False
         ck = self.kernel[grid](*args, num_warps=num_warps, num_stages=num_stages)
         if direct and ck is not None and hasattr(ck, "packed_metadata"):
-            if len(self.compiled) >= 512:
-                self.compiled.clear()
-            self.compiled[full] = ck
+            if len(store) >= 512:
+                store.clear()
+            store[full] = ck

@@ -151,7 +151,7 @@ def _eager_workspaces(p, device):
     return ws
 
 
-def _run_eager(p, key, layout, q, k, v, idx, table, lens, slot_ids, sink, causal, scale, return_lse):
+def _run_eager(p, slot, layout, q, k, v, idx, table, lens, slot_ids, sink, causal, scale, return_lse):
     """Eager launch without the custom-op dispatcher (same kernel, same plan): ``(out, lse or None)``."""
     t, hq, d = q.shape
     out = torch.empty((t, hq, d), dtype=_out_dtype(q.dtype), device=q.device)
@@ -164,7 +164,7 @@ def _run_eager(p, key, layout, q, k, v, idx, table, lens, slot_ids, sink, causal
     o_part, ml_part, counter = _eager_workspaces(p, q.device)
     launch(p, layout=layout, q=q, k=k, v=v, idx=idx, table=table, lens=lens, slot_ids=slot_ids, sink=sink, out=out,
            lse=lse, o_part=o_part, ml_part=ml_part, counter=counter, causal=causal, scale=scale,
-           write_lse=return_lse, key=key)
+           write_lse=return_lse, slot=slot)
     return out, lse
 
 
@@ -453,9 +453,9 @@ def sparse_decode_atten_func(q, k, v, q2k_indices=None, *, page_table, seqused_k
             _validate_official(q, k, v, q2k_indices, page_table, seqused_k, seqlen_q, max_seqlen_k, blk_kv)
             ent = _SIG.put(key, (_plan_for(q, k, q2k_indices, page_table, LAYOUT_HND, BLK_KV, int(seqlen_q),
                                            _dense_hint(page_table, max_seqlen_k)),
-                                 default_scale(softmax_scale, HEAD_DIM)))
+                                 default_scale(softmax_scale, HEAD_DIM), {}))
         if ent is not None:
-            out, lse = _run_eager(ent[0], key, LAYOUT_HND, q, k, v, q2k_indices, page_table, seqused_k, None, None,
+            out, lse = _run_eager(ent[0], ent[2], LAYOUT_HND, q, k, v, q2k_indices, page_table, seqused_k, None, None,
                                   bool(causal), ent[1], bool(return_softmax_lse))
             return (out, lse) if return_softmax_lse else out
     k, v, fp4 = _resolve_kv(k, v, k_scale_128x4, v_scale_128x4, k_global_scale, v_global_scale)
@@ -579,7 +579,7 @@ class SparseDecodePagedAttentionWrapper:
             except (AttributeError, TypeError):
                 key = ent = None
             if ent is not None:
-                p, scale, lkey = ent
+                p, scale, slot = ent
                 if out is None:
                     out = torch.empty(q.shape, dtype=p[1], device=q.device)
                 lse_buf = self._lse_dummy
@@ -590,7 +590,7 @@ class SparseDecodePagedAttentionWrapper:
                 launch(p[0], layout=LAYOUT_HND, q=q, k=k, v=v, idx=self.q2k_indices, table=self.page_table,
                        lens=self.seqused_k, slot_ids=None, sink=None, out=out, lse=lse_buf, o_part=self.O_partial,
                        ml_part=self._ml_partial, counter=self._counter, causal=self.causal, scale=scale,
-                       write_lse=bool(return_softmax_lse), key=lkey)
+                       write_lse=bool(return_softmax_lse), slot=slot)
                 return (out, lse) if return_softmax_lse else out
         k, v, fp4 = _resolve_kv(k, v, k_scale_128x4, v_scale_128x4, k_global_scale, v_global_scale)
         check_tensor("q", q, ndim=3)
@@ -627,10 +627,7 @@ class SparseDecodePagedAttentionWrapper:
             lse_buf = self._lse_dummy
         scale = default_scale(softmax_scale, self.head_dim)
         if fp4 is None and key is not None:  # validated: later runs with this signature skip the checks
-            p = self._plans[False]
-            lkey = ("wrapper", key, tensor_key(self.q2k_indices), tensor_key(self.page_table),
-                    tensor_key(self.seqused_k), self.seqlen_q, self.causal, p.grid, p.tiles_per_split)
-            self._run_sigs.put(key, ((p, out_dtype), scale, lkey))
+            self._run_sigs.put(key, ((self._plans[False], out_dtype), scale, {}))
         fp4_args = () if fp4 is None else _nvfp4_kernel_args(fp4)
         _sparse_decode_fwd_out(q, k, v, self.q2k_indices, self.page_table, self.seqused_k, out, lse_buf,
                                self.O_partial, self._ml_partial, self._counter, self.seqlen_q, self.causal, scale,
@@ -703,7 +700,7 @@ def flash_decode_with_gqa_share_sparse(q, sink, k_cache, v_cache, req_to_token, 
     except (AttributeError, TypeError):
         key = ent = None
     if ent is not None:
-        return _run_eager(ent[0], key, LAYOUT_TOKEN, q, k_cache, v_cache, topk_idx, req_to_token, seq_lens, slot_ids,
+        return _run_eager(ent[0], ent[2], LAYOUT_TOKEN, q, k_cache, v_cache, topk_idx, req_to_token, seq_lens, slot_ids,
                           sink, True, ent[1], False)[0]
     for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
         if isinstance(t, Nvfp4QuantizedTensor) or (isinstance(t, torch.Tensor) and t.dtype == torch.uint8):
@@ -715,8 +712,8 @@ def flash_decode_with_gqa_share_sparse(q, sink, k_cache, v_cache, req_to_token, 
     if key is not None:
         p = None if k_cache.shape[0] == 0 or q.shape[0] == 0 else _plan_for(
             q, k_cache, topk_idx, req_to_token, LAYOUT_TOKEN, int(block_size), 1, 0)
-        _SIG.put(key, (p, scale))  # key is only set in eager mode
-        return _run_eager(p, key, LAYOUT_TOKEN, q, k_cache, v_cache, topk_idx, req_to_token, seq_lens, slot_ids,
+        slot = _SIG.put(key, (p, scale, {}))[2]  # key is only set in eager mode
+        return _run_eager(p, slot, LAYOUT_TOKEN, q, k_cache, v_cache, topk_idx, req_to_token, seq_lens, slot_ids,
                           sink, True, scale, False)[0]
     out, _ = _sparse_decode_fwd(q, k_cache, v_cache, topk_idx, req_to_token, seq_lens, slot_ids, sink, LAYOUT_TOKEN,
                                 int(block_size), 1, True, scale, 0, False)

@@ -38,12 +38,12 @@ folds into the logit scale (``qk_row``; LSE consistent), ``v_global * 2^7`` mult
 
 import copy
 import functools
-import os
 
 import torch
 import triton
 import triton.language as tl
 
+from . import tuning
 from ._launch import TritonLauncher
 from .nvfp4_tile import (FP4_ASM_F16, FP4_DEC_ASM, FP4_DEC_PORTABLE, e2m1_nibbles_f16, e4m3_times_128_f16,
                          nvfp4_decode_bytes_f16, nvfp4_scale_offset)
@@ -763,7 +763,7 @@ LOG2E = 1.4426950408889634
 KV_NATIVE = 0
 KV_NVFP4 = 1
 # NVFP4 nibble decoder on a GPU (FP4_DEC_PORTABLE / FP4_DEC_ASM); the interpreter always runs the portable
-# one. Override for sweeps with the environment variable MSA_DECODE_FP4_DEC=0|1 (read at each launch).
+# one. Benchmarks override it with ``tuning.override(decode_fp4_decoder=0|1)`` (read at each launch).
 FP4_DEC_GPU_DEFAULT = FP4_DEC_ASM
 
 
@@ -771,27 +771,25 @@ def fp4_decoder(device: torch.device) -> int:
     """The ``FP4_DEC`` constexpr used for a launch on ``device``."""
     if device.type != "cuda":
         return FP4_DEC_PORTABLE
-    env = os.environ.get("MSA_DECODE_FP4_DEC", "")
-    if env in ("0", "1"):
-        return int(env)
-    return FP4_DEC_GPU_DEFAULT
+    dec = tuning.current().decode_fp4_decoder
+    return FP4_DEC_GPU_DEFAULT if dec is None else dec
 
 
 # NVFP4 packed-byte access (constexpr FP4_PF): 0 = uint8 loads, decode right after the load (the measured
 # path); 1 = the packed bytes read as int32 words (4 bytes = 8 elements per register, the asm decoder takes a
 # whole word without repacking bytes); 2 = int32 words + register prefetch: the next tile's packed words and
 # scale bytes are loaded before the current tile is decoded (within a chunk of CH tiles). 1 / 2 need unit
-# byte stride, 4-byte aligned base pointers and strides (else 0 is used). Override per launch with the
-# environment variable MSA_DECODE_FP4_PF=0|1|2 (GPU and interpreter).
+# byte stride, 4-byte aligned base pointers and strides (else 0 is used). Benchmarks and tests override it with
+# ``tuning.override(decode_fp4_prefetch=0|1|2)`` (GPU and interpreter; read at each launch).
 FP4_PF_GPU_DEFAULT = 2  # H100, B = 64, 32K: pf2 81.6 us, pf1 83.0, pf0 92.9 (bf16 96.8)
 FP4_PF_CPU_DEFAULT = 0
 
 
 def fp4_prefetch_mode(device: torch.device, k, v) -> int:
     """The ``FP4_PF`` constexpr for packed NVFP4 K / V (uint8 [P, Hkv, BS, D/2]) on ``device``."""
-    env = os.environ.get("MSA_DECODE_FP4_PF", "")
-    mode = int(env) if env in ("0", "1", "2") else (FP4_PF_GPU_DEFAULT if device.type == "cuda"
-                                                     else FP4_PF_CPU_DEFAULT)
+    mode = tuning.current().decode_fp4_prefetch
+    if mode is None:
+        mode = FP4_PF_GPU_DEFAULT if device.type == "cuda" else FP4_PF_CPU_DEFAULT
     if mode:
         for t in (k, v):
             if t.stride(3) != 1 or t.data_ptr() % 4 or any(st % 4 for st in t.stride()[:3]):
@@ -800,7 +798,7 @@ def fp4_prefetch_mode(device: torch.device, k, v) -> int:
 
 
 def launch(p: LaunchPlan, *, layout, q, k, v, idx, table, lens, slot_ids, sink, out, lse, o_part, ml_part, counter,
-           causal, scale, write_lse, nvfp4=None, key=None):
+           causal, scale, write_lse, nvfp4=None, slot=None):
     """Launch ``msa_decode_kernel``.
 
     HND:   q [B*SQ, Hq, D]; k, v [P, Hkv, BS, D]; table = page_table [B, W]; lens = seqused_k [B].
@@ -812,20 +810,44 @@ def launch(p: LaunchPlan, *, layout, q, k, v, idx, table, lens, slot_ids, sink, 
     nvfp4: None, or ``(k_scale, v_scale, k_global, v_global)`` for packed NVFP4 K/V (HND only, no
     sink): k, v uint8 [P, Hkv, BS, D/2]; scales flat contiguous uint8 128x4-swizzled (logical row
     ``(page * Hkv + h) * BS + s``, D/16 columns); globals fp32 tensors (element 0) or None (= 1).
-    key: hashable signature fixing every shape, stride, dtype and host value of this call (enables the direct
-    launch of ``_launch.TritonLauncher``), or None.
+    slot: a dict owned by a validated call signature that fixes every shape, stride, dtype and host value of
+    this call and the plan ``p`` (the eager fast paths' cache entries), or None. It keeps the scalar part of the
+    argument tuple and the compiled kernels for the direct launch of ``_launch.TritonLauncher``.
     """
     if p.grid[0] == 0:
         return
     if nvfp4 is not None:
         k_sc, v_sc, k_gs, v_gs = nvfp4
+        ex = (k_sc, v_sc, q if k_gs is None else k_gs, q if v_gs is None else v_gs)
+    else:
+        ex = (q, q, q, q)
+    dense = idx is None
+    if p.num_splits == 1:
+        o_part = ml_part = out
+        counter = lens
+    tensors = (q, k, v, table if dense else idx, table, lens, lens if slot_ids is None else slot_ids,
+               q if sink is None else sink, out, lse if write_lse else out, o_part, ml_part, counter, *ex)
+    if slot is not None and nvfp4 is None:  # the slot's signature fixes every stride, shape and host value
+        tail = slot.get("tail")
+        if tail is None:
+            tail = slot["tail"] = _scalar_tail(p, layout, q, k, v, idx, table, lens, slot_ids, sink, out, lse,
+                                               causal, scale, write_lse, nvfp4)
+    else:
+        slot = None
+        tail = _scalar_tail(p, layout, q, k, v, idx, table, lens, slot_ids, sink, out, lse, causal, scale, write_lse,
+                            nvfp4)
+    _LAUNCHER(p.grid, tensors + tail, slot=slot, num_warps=p.num_warps, num_stages=p.num_stages, n_ptr=17)
+
+
+def _scalar_tail(p, layout, q, k, v, idx, table, lens, slot_ids, sink, out, lse, causal, scale, write_lse, nvfp4):
+    """Every kernel argument after the 17 pointers (strides, host ints, constexprs), in declaration order."""
+    if nvfp4 is not None:
+        _, _, k_gs, v_gs = nvfp4
         # NVFP4 MMAs run in fp16 for every q dtype
         fmt = (tl.float16, KV_NVFP4, fp4_decoder(q.device), k_gs is not None, v_gs is not None,
                fp4_prefetch_mode(q.device, k, v))
-        ex = (k_sc, v_sc, q if k_gs is None else k_gs, q if v_gs is None else v_gs)
     else:
         fmt = (_CDT[q.dtype], KV_NATIVE, 0, False, False, 0)
-        ex = (q, q, q, q)
     ks, vs = k.stride(), v.stride()
     if layout == LAYOUT_HND:
         sk, sv = ks, vs
@@ -833,27 +855,16 @@ def launch(p: LaunchPlan, *, layout, q, k, v, idx, table, lens, slot_ids, sink, 
         sk = (ks[0], ks[1], 0, ks[2])
         sv = (vs[0], vs[1], 0, vs[2])
     dense = idx is None
-    idx_t = table if dense else idx
     si = (0, 0, 0) if dense else idx.stride()
-    slots_t = lens if slot_ids is None else slot_ids
     s_slot = 0 if slot_ids is None else slot_ids.stride(0)
-    sink_t = q if sink is None else sink
     ss = (0, 0) if sink is None else sink.stride()
-    lse_t = lse if write_lse else out
     sl = lse.stride() if write_lse else (0, 0)
-    if p.num_splits == 1:
-        o_part = ml_part = out
-        counter = lens
     tshape = table.shape
-    args = (q, k, v, idx_t, table, lens, slots_t, sink_t, out, lse_t, o_part, ml_part, counter, *ex,
-            *q.stride(), *sk, *sv, *si, *table.stride(), lens.stride(0), s_slot, *ss, *out.stride(), *sl,
+    return (*q.stride(), *sk, *sv, *si, *table.stride(), lens.stride(0), s_slot, *ss, *out.stride(), *sl,
             p.Hkv, p.G, p.SQ, max(p.topk, 1), tshape[1], tshape[0], k.shape[0], p.MT, p.tiles_per_split,
             p.tiles_hint, float(scale) * LOG2E,
             layout, p.BS, p.D, p.BLOCK_M, p.BLOCK_N, p.TOK_P2, p.TK_P2, p.num_splits, p.NS_P2, p.chunk, dense,
             bool(causal), sink is not None, bool(write_lse), *fmt, p.slot_pre if layout == LAYOUT_TOKEN else 0)
-    if key is not None:  # the plan fixes every constexpr and host int the caller's key does not
-        key = (key, p.grid, p.BLOCK_M, p.BLOCK_N, p.TK_P2, p.tiles_per_split, p.chunk, p.slot_pre)
-    _LAUNCHER(p.grid, args, key=key, num_warps=p.num_warps, num_stages=p.num_stages)
 
 
 _LAUNCHER = TritonLauncher(msa_decode_kernel)
