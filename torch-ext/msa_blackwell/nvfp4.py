@@ -240,7 +240,12 @@ def dequantize_nvfp4_128x4_to_bf16(qx: Nvfp4QuantizedTensor, *, include_global_s
     out = vals * sf.unsqueeze(-1)
     if include_global_scale:
         out = out * g.reshape(-1)[0].to(device=dev)
-    return out.to(torch.bfloat16).reshape(shape)
+    # fp32 -> bf16 round-to-nearest-even on the bit pattern, NaN -> 0x7FC0: the native dequantiser's bits
+    # (torch's own conversion gives other NaN payloads on some devices)
+    bits = out.view(torch.int32)
+    rne = (bits + (0x7FFF + ((bits >> 16) & 1))) >> 16
+    rne = torch.where(out.isnan(), 0x7FC0, rne)
+    return rne.to(torch.int16).view(torch.bfloat16).reshape(shape)
 
 
 def swizzle_nvfp4_scale_to_128x4(scale: torch.Tensor, *, rows: int, cols: int) -> torch.Tensor:
