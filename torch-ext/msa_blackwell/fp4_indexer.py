@@ -86,16 +86,18 @@ class Fp4IndexerConfig:
 
 # compute-capability major -> ((largest max_seqlen_q or None = any, config), ...): first match wins.
 # sm_90 (wgmma): 128 rows for short chunks (more programs), 256 for long ones (each decoded K sub-tile feeds
-# twice the MMA work; 234 registers, no spill). sm_100 (tcgen05): 128 rows (256 spills in the non-causal loop).
-# sm_12x (mma.sync keeps both operands in registers): 64 rows, 4 warps (128 rows spill), 32 for bf16 / fp32.
-# Spill-free on every target per scripts/aot_check.py; the sm_90 split between the two is a first choice to be
-# re-tuned with ``benchmarks/bench_fp4_indexer.py --sweep``.
+# twice the MMA work; 234 registers, no spill). sm_100 (tcgen05): 128 rows, 64-slot sub-tiles (256 rows spill
+# in the non-causal loop, so do 128-slot sub-tiles with bf16 operands), 64 rows for bf16 / fp32 operands.
+# sm_12x (mma.sync keeps both operands in registers): 32 rows, 4 warps (64 rows spill with public-layout
+# scales, 128 rows always). Every entry is spill-free in the MMA loops on its targets per scripts/aot_check.py;
+# the sm_90 / sm_100 choices are unmeasured first choices, to be re-tuned with
+# ``benchmarks/bench_fp4_indexer.py --sweep``.
 # None: the CPU interpreter (small tiles, several head groups and KV chunks, so tests reach every path).
 FP4_INDEXER_CONFIGS = {
     9: ((256, Fp4IndexerConfig(rows=128, wide_rows=128, block_n=128, num_warps=8, num_stages=2)),
         (None, Fp4IndexerConfig(rows=256, wide_rows=128, block_n=64, num_warps=8, num_stages=2))),
-    10: ((None, Fp4IndexerConfig(rows=128, wide_rows=128, block_n=128, num_warps=8, num_stages=2)),),
-    12: ((None, Fp4IndexerConfig(rows=64, wide_rows=32, block_n=64, num_warps=4, num_stages=2)),),
+    10: ((None, Fp4IndexerConfig(rows=128, wide_rows=64, block_n=64, num_warps=8, num_stages=2)),),
+    12: ((None, Fp4IndexerConfig(rows=32, wide_rows=32, block_n=64, num_warps=4, num_stages=2)),),
     None: ((None, Fp4IndexerConfig(rows=32, wide_rows=32, block_n=64, num_warps=4, num_stages=1, waves=2,
                                    min_chunk=1)),),
 }
@@ -134,12 +136,31 @@ def tile_for(cfg: Fp4IndexerConfig, G: int, max_seqlen_q: int, wide: bool = Fals
     return bm, bh
 
 
+@functools.lru_cache(maxsize=4096)
 def plan_chunks(cfg: Fp4IndexerConfig, tiles: int, NB: int, sms: int):
-    """(chunk, n_chunks): KV blocks per program and programs per tile, aiming at ``waves x sms`` programs."""
-    want = cfg.waves * sms
-    n_chunks = max(1, min(NB, -(-want // max(1, tiles))))
-    chunk = max(min(cfg.min_chunk, NB), -(-NB // n_chunks), 1)
-    return chunk, -(-NB // chunk)
+    """(chunk, n_chunks): KV blocks per program and programs per tile. At least ``cfg.waves x sms`` programs
+    (when the blocks allow); among up to 8x that many, the split with the least modelled time
+    ``ceil(programs / sms) x (chunk + 1)`` (whole waves of equal chunks; + 1 block for the Q decode each
+    program repeats), fewer programs on ties. Cached per shape (host cost once)."""
+    cdiv = lambda a, b: -(-a // b)  # noqa: E731
+    NB, tiles = max(1, NB), max(1, tiles)
+    n_min = max(1, min(NB, cdiv(cfg.waves * sms, tiles)))
+    if n_min == 1:
+        return NB, 1
+    n_max = min(NB, 8 * n_min)
+    c_lo, c_hi = max(1, cfg.min_chunk, cdiv(NB, n_max)), max(1, cfg.min_chunk, cdiv(NB, n_min))
+    if c_hi - c_lo < n_max - n_min:
+        chunks = range(c_lo, c_hi + 1)
+    else:
+        chunks = sorted({max(1, cfg.min_chunk, cdiv(NB, n)) for n in range(n_min, n_max + 1)})
+    best = None
+    for c in chunks:
+        c = min(c, NB)
+        n = cdiv(NB, c)
+        key = (cdiv(tiles * n, sms) * (c + 1), n)
+        if best is None or key < best[0]:
+            best = (key, c, n)
+    return best[1], best[2]
 
 
 @functools.lru_cache(maxsize=None)
