@@ -28,8 +28,8 @@ from .helpers import assert_bitwise_equal, msa
 from .test_csr import make_case as csr_case
 from .test_decode import make_problem as decode_problem
 from .test_decode_direct import make_direct
-from .test_indexer import _make_case as fp4_case
-from .test_indexer import _preorder
+from .test_fp4_indexer import _make_case as fp4_case
+from .test_fp4_indexer import _preorder
 from .test_prefill import make_inputs as prefill_inputs
 from .test_prefill import to_paged
 from .test_topk import make_inputs as topk_inputs

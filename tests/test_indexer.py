@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from .helpers import msa
-from .test_fp4_indexer import _make_case, _preorder  # noqa: F401  (tests/test_compile.py imports them from here)
 
 ix = importlib.import_module(msa.__name__ + ".indexer")
 
