@@ -13,8 +13,9 @@
 * a split-policy sweep at B = 1 / 8 (32K), showing the chosen ``num_splits`` per variant.
 
 Environment: ``MSA_DECODE_BENCH=nvfp4`` runs only the NVFP4 comparison (and its sweep);
-``MSA_DECODE_SWEEP=nvfp4`` sweeps NVFP4 launch configs (``NVFP4_CONFIG_OVERRIDES`` candidates) at
-B = 1 / 8 / 64 instead of the bf16 split-policy sweep; ``MSA_DECODE_SWEEP=none`` skips sweeps.
+``MSA_DECODE_SWEEP=nvfp4`` sweeps NVFP4 launch configs (``msa.tuning.override(decode_nvfp4=...)`` candidates
+for ``NVFP4_CONFIG_OVERRIDES``) at B = 1 / 8 / 64 instead of the bf16 split-policy sweep
+(``msa.tuning.override(decode=...)``); ``MSA_DECODE_SWEEP=none`` skips sweeps.
 
 Input sets share one big KV pool (several GB) but use different random page tables / block ids, so
 the rotation touches far more than the 50 MB L2 (``timing.num_sets``). Bandwidth counts K+V bytes
@@ -131,12 +132,9 @@ def run_nvfp4(msa, timing, dk, k_hnd, v_hnd, copy_bw, quick):
     # NVFP4 launch-config sweep (NVFP4_CONFIG_OVERRIDES candidates x decoder)
     sweep = []
     if os.environ.get("MSA_DECODE_SWEEP", "") == "nvfp4":
-        major = torch.cuda.get_device_properties(dev).major
-        key = major if major in dk.DECODE_CONFIGS else 9
-        saved_over = dict(dk.NVFP4_CONFIG_OVERRIDES)
-        # variants replace the NVFP4 override of this major (on top of the bf16 DECODE_CONFIGS entry); the
-        # m_cap cap (needed to compile on sm_10x / sm_12x) is kept. "default" = the shipped overrides.
-        keep = {k2: v2 for k2, v2 in saved_over.get(key, {}).items() if k2 == "m_cap"}
+        # variants change fields of this device's NVFP4 entry (tuning.override(decode_nvfp4=...)); each sets warps,
+        # BLOCK_N and stages, the entry's m_cap cap (needed to compile on sm_10x / sm_12x) is kept. "default" = the
+        # shipped table.
         w4, w8 = {64: 4, 128: 4, 256: 8}, {64: 4, 128: 8, 256: 8}
         bn128 = {64: 64, 128: 128, 256: 32}
         # (variant, packed-byte access mode decode_fp4_prefetch: 0 bytes / 1 int32 words / 2 words + register
@@ -155,13 +153,11 @@ def run_nvfp4(msa, timing, dk, k_hnd, v_hnd, copy_bw, quick):
             sets = _make_sets(b, ctx, timing.num_sets(_bytes_nvfp4(b)), dev)
             for var, pf in variants:
                 for d in ("1", "0") if (var is None and pf == "0") else ("1",):
-                    if var is not None:
-                        dk.NVFP4_CONFIG_OVERRIDES[key] = dict(keep, **var)
-                    dk.make_plan.cache_clear()
                     try:
-                        p = dk.make_plan(dev, B=b, Hkv=HKV, G=HQ // HKV, SQ=1, D=D, BS=BS, topk=TOPK, hint_blocks=0,
-                                         nvfp4=True)
-                        with msa.tuning.override(decode_fp4_decoder=int(d), decode_fp4_prefetch=int(pf)):
+                        with msa.tuning.override(decode_nvfp4=var, decode_fp4_decoder=int(d),
+                                                 decode_fp4_prefetch=int(pf)):
+                            p = dk.make_plan(dev, B=b, Hkv=HKV, G=HQ // HKV, SQ=1, D=D, BS=BS, topk=TOPK,
+                                             hint_blocks=0, nvfp4=True)
                             t = timing.bench_graph(fp4_call, sets)
                         r = {"B": b, "variant": ("default" if var is None else str(var)) + f" dec{d} pf{pf}",
                              "splits": p.num_splits, "warps": p.num_warps, "stages": p.num_stages, "us graph": t,
@@ -171,10 +167,6 @@ def run_nvfp4(msa, timing, dk, k_hnd, v_hnd, copy_bw, quick):
                                               for k2, v2 in r.items()}, flush=True)
                     except Exception as e:  # a variant that does not compile / fit must not hide the others
                         print("sweep nvfp4", b, var, d, pf, "FAILED", type(e).__name__, str(e)[:200], flush=True)
-                    finally:
-                        dk.NVFP4_CONFIG_OVERRIDES.clear()
-                        dk.NVFP4_CONFIG_OVERRIDES.update(saved_over)
-                        dk.make_plan.cache_clear()
             del sets
         timing.print_table(sweep, ["B", "variant", "splits", "warps", "stages", "us graph", "%copy"],
                            title="NVFP4 launch-config sweep (32K, graph replay; set the winner in "
@@ -279,9 +271,6 @@ def run(msa, timing):
     # split-policy / tile sweep (32K): which configuration wins on this card. Rows are printed as
     # they are measured. MSA_DECODE_SWEEP=wide adds tile-size / pipelining variants and B = 64.
     sweep = []
-    major = torch.cuda.get_device_properties(dev).major
-    key = major if major in dk.DECODE_CONFIGS else 9
-    saved = dict(dk.DECODE_CONFIGS[key])
     wide = os.environ.get("MSA_DECODE_SWEEP", "") == "wide"
     variants = [dict(), dict(combine_budget=64 * 1024), dict(combine_budget=256 * 1024), dict(min_tiles_split=2),
                 dict(min_tiles_split=4), dict(ctas_per_sm=1)]
@@ -300,30 +289,26 @@ def run(msa, timing):
         for var in variants:
             if b == 64 and ("combine_budget" in var):
                 continue
-            dk.DECODE_CONFIGS[key] = dict(saved, **var)
-            dk.make_plan.cache_clear()
             try:
-                p = dk.make_plan(dev, B=b, Hkv=HKV, G=HQ // HKV, SQ=1, D=D, BS=BS, topk=TOPK, hint_blocks=0)
-                fn = lambda q, pt, sk, idx: msa.sparse_decode_atten_func(  # noqa: E731
-                    q, k_hnd, v_hnd, idx, page_table=pt, seqused_k=sk, seqlen_q=1, max_seqlen_k=32768)
-                us_g = timing.bench_graph(fn, sets)
-                r = {"B": b, "variant": str(var) or "default", "splits": p.num_splits,
-                     "tiles/split": p.tiles_per_split, "us graph": us_g,
-                     "%copy": 100 * _bytes(b, 2) / (us_g * 1e-6) / copy_bw}
-                if wide and b == 64:
-                    k8 = k_hnd[:4096].to(torch.float8_e4m3fn)
-                    v8 = v_hnd[:4096].to(torch.float8_e4m3fn)
-                    sets8 = [(q, pt % 4096, sk, idx) for (q, pt, sk, idx) in sets]
-                    r["us fp8"] = timing.bench_graph(lambda q, pt, sk, idx: msa.sparse_decode_atten_func(
-                        q, k8, v8, idx, page_table=pt, seqused_k=sk, seqlen_q=1, max_seqlen_k=32768), sets8)
-                    del k8, v8, sets8
+                with msa.tuning.override(decode=var or None):  # {} = the table's entry
+                    p = dk.make_plan(dev, B=b, Hkv=HKV, G=HQ // HKV, SQ=1, D=D, BS=BS, topk=TOPK, hint_blocks=0)
+                    fn = lambda q, pt, sk, idx: msa.sparse_decode_atten_func(  # noqa: E731
+                        q, k_hnd, v_hnd, idx, page_table=pt, seqused_k=sk, seqlen_q=1, max_seqlen_k=32768)
+                    us_g = timing.bench_graph(fn, sets)
+                    r = {"B": b, "variant": str(var) if var else "default", "splits": p.num_splits,
+                         "tiles/split": p.tiles_per_split, "us graph": us_g,
+                         "%copy": 100 * _bytes(b, 2) / (us_g * 1e-6) / copy_bw}
+                    if wide and b == 64:
+                        k8 = k_hnd[:4096].to(torch.float8_e4m3fn)
+                        v8 = v_hnd[:4096].to(torch.float8_e4m3fn)
+                        sets8 = [(q, pt % 4096, sk, idx) for (q, pt, sk, idx) in sets]
+                        r["us fp8"] = timing.bench_graph(lambda q, pt, sk, idx: msa.sparse_decode_atten_func(
+                            q, k8, v8, idx, page_table=pt, seqused_k=sk, seqlen_q=1, max_seqlen_k=32768), sets8)
+                        del k8, v8, sets8
                 sweep.append(r)
                 print("sweep", {k: (round(v, 2) if isinstance(v, float) else v) for k, v in r.items()}, flush=True)
             except Exception as e:  # a variant that does not compile / fit must not hide the others
                 print("sweep", b, var, "FAILED", type(e).__name__, str(e)[:200], flush=True)
-            finally:
-                dk.DECODE_CONFIGS[key] = saved
-                dk.make_plan.cache_clear()
         del sets
     timing.print_table(sweep, ["B", "variant", "splits", "tiles/split", "us graph", "us fp8", "%copy"],
                        title="Split-policy sweep (official API, 32K, graph replay)")

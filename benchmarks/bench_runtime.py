@@ -113,29 +113,21 @@ def _table_direct(msa, timing, k_hnd, v_hnd, kc, vc, copy_bw, dk, kv_names=("bf1
 
 def _table_latency(msa, timing, k_hnd, v_hnd, copy_bw, dk):
     dev = k_hnd.device
-    dec = importlib.import_module(msa.__name__ + ".decode")
     rows = []
-    major = torch.cuda.get_device_properties(dev).major
-    key = major if major in dk.DECODE_CONFIGS else 9
-    saved = dict(dk.DECODE_CONFIGS[key])
+    # decode-table changes (tuning.override(decode=...)) of this device's entry
     variants = [dict(), dict(combine_budget=256 * 1024), dict(combine_budget=64 * 1024),
-                dict(block_n={**saved["block_n"], 128: 32}, combine_budget=512 * 1024)]
+                dict(block_n={128: 32}, combine_budget=512 * 1024)]
     for b in (1,):
         sets = _sets(b, timing.num_sets(_bytes(b, 2)), dev)
         for var in variants:
-            dk.DECODE_CONFIGS[key] = dict(saved, **var)
-            dk.make_plan.cache_clear()
-            getattr(dec, "_SIG", {}).clear()
-            p = dk.make_plan(dev, B=b, Hkv=HKV, G=HQ // HKV, SQ=1, D=D, BS=BS, topk=TOPK, hint_blocks=0)
-            us = timing.bench_graph(lambda q, pt, sk, idx, r2t, sid: msa.sparse_decode_atten_func(
-                q, k_hnd, v_hnd, idx, page_table=pt, seqused_k=sk, seqlen_q=1, max_seqlen_k=CTX), sets)
+            with msa.tuning.override(decode=var or None):
+                p = dk.make_plan(dev, B=b, Hkv=HKV, G=HQ // HKV, SQ=1, D=D, BS=BS, topk=TOPK, hint_blocks=0)
+                us = timing.bench_graph(lambda q, pt, sk, idx, r2t, sid: msa.sparse_decode_atten_func(
+                    q, k_hnd, v_hnd, idx, page_table=pt, seqused_k=sk, seqlen_q=1, max_seqlen_k=CTX), sets)
             var_s = ", ".join(f"{k}={v[128] if isinstance(v, dict) else v}" for k, v in var.items()) or "default"
             rows.append({"B": b, "variant": var_s, "splits": p.num_splits, "BLOCK_N": p.BLOCK_N, "us graph": us,
                          "%copy": 100 * _bytes(b, 2) / (us * 1e-6) / copy_bw})
             print("lat", b, var_s, f"{us:.2f}", flush=True)
-        dk.DECODE_CONFIGS[key] = saved
-        dk.make_plan.cache_clear()
-        getattr(dec, "_SIG", {}).clear()
         for ch in (1, 2, 4):
             o = torch.empty(b * HKV * (TOPK // ch), D, device=dev, dtype=torch.float32)
             us = timing.bench_graph(lambda q, pt, sk, idx, r2t, sid: _read_only_kernel[(b * HKV * (TOPK // ch),)](

@@ -4,7 +4,7 @@ Two entry points:
 
 * ``kernels benchmark ./`` (or the Hub repo id) discovers the ``Benchmark`` subclass below: eager
   host-timed calls of the M3-shaped decode and top-k, each verified against a torch reference.
-* ``python benchmarks/benchmark.py [--sections topk,decode,prefill,selection] [--quick]``: the project's
+* ``python benchmarks/benchmark.py [--sections topk,decode,prefill,indexer] [--quick]``: the project's
   roofline tables (CUDA events and CUDA-graph replay, cold inputs rotated past L2, measured copy
   bandwidth / matmul rate, card named). Sections live in ``bench_<name>.py`` next to this file.
 """
@@ -33,8 +33,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 REPO_ID = "flashrt/MiniMaxAI-msa-blackwell"
 # section name -> module (and function, default ``run``), where not bench_<name>.run
-SECTION_MODULES = {"nvfp4_attn": "bench_nvfp4_attention", "latency": "bench_runtime:run_latency",
-                   "runtime_base": "bench_runtime:run_base"}
+SECTION_MODULES = {"latency": "bench_runtime:run_latency", "runtime_base": "bench_runtime:run_base"}
 
 
 class MsaDecodeBenchmark(Benchmark):
@@ -100,7 +99,7 @@ def load_package():
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description="msa_blackwell roofline benchmarks (GPU)")
-    ap.add_argument("--sections", default="topk,decode,prefill,selection")
+    ap.add_argument("--sections", default="topk,decode,prefill,indexer")
     ap.add_argument("--quick", action="store_true", help="fewer shapes (smoke run)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():

@@ -37,7 +37,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-MODULES = ("decode_kernel", "prefill_kernel", "csr_kernel", "nvfp4_kernel", "fp4_indexer", "indexer")
+MODULES = ("decode_kernel", "prefill_kernel", "csr_kernel", "nvfp4_kernel", "fp4_indexer", "indexer_kernel")
 
 _CONFIGS = {}  # (arch) -> list[AotConfig], filled before the pool forks
 

@@ -1,5 +1,5 @@
-"""Decode-indexer experiment (GPU): score kernel alone, top-k alone, full call; sweep of the score launch table."""
-import importlib
+"""Decode-indexer experiment (GPU): score kernel alone, top-k alone, full call; sweep of the score launch table
+(``msa.tuning.override(decode_scores=...)``)."""
 import os
 import sys
 
@@ -10,13 +10,10 @@ import timing  # noqa: E402
 from benchmark import load_package  # noqa: E402
 
 msa = load_package()
-ix = importlib.import_module(msa.__name__ + ".indexer")
 dev = torch.device("cuda")
 BS, TOPK, D = 128, 16, 128
 copy_bw = timing.measure_copy_bandwidth()
 print(timing.device_name(), f"copy {copy_bw / 1e12:.2f} TB/s")
-major = torch.cuda.get_device_capability()[0]
-base = dict(ix.decode_score_config(major))
 
 
 def case(b, ctx):
@@ -39,7 +36,7 @@ for b, ctx in ((1, 32768), (32, 131072)):
     scale = D ** -0.5
 
     def score(q, sid):
-        return ix._decode_block_scores_impl(q, ik, r2t, sl, sid, NB, BS, scale, False)
+        return msa.decode_block_scores(q, ik, r2t, sl, sid, NB, BS, sm_scale=scale)
 
     def full(q, sid):
         return msa.flash_decode_with_topk_idx(q, None, ik, None, r2t, sl, ctx, sid, BS, TOPK, 1, 2,
@@ -54,15 +51,13 @@ for b, ctx in ((1, 32768), (32, 131072)):
             for tpp in (4, 16, 64, 256):
                 for ns in (2, 3, 4):
                     for nw in (4, 8):
-                        cfg = dict(base, tn={**base["tn"], 128: tn}, progs_per_sm=pps, max_tpp=tpp, num_stages=ns,
-                                   num_warps=nw)
-                        ix.DECODE_SCORE_CONFIGS[major] = cfg
+                        cfg = dict(tn={128: tn}, progs_per_sm=pps, max_tpp=tpp, num_stages=ns, num_warps=nw)
                         try:
-                            g = timing.bench_graph(score, sets, replays=10)
+                            with msa.tuning.override(decode_scores=cfg):
+                                g = timing.bench_graph(score, sets, replays=10)
                         except Exception as e:  # noqa: BLE001
                             print("fail", tn, pps, tpp, ns, nw, str(e)[:100])
                             continue
                         print(f"sweep B={b} tn={tn} pps={pps} tpp={tpp} ns={ns} nw={nw}: {g:.2f} us "
                               f"{100 * read / (g * 1e-6) / copy_bw:.1f}%", flush=True)
-    ix.DECODE_SCORE_CONFIGS[major] = base
     del ik, r2t, sets

@@ -366,10 +366,10 @@ def decode_indexer(msa, c, qi):
                                           0, 1, disable_index_value=True)[1]
 
 
-def decode_scores(ix, c, qi):
-    """The decode indexer's block scores (its internal score op, same arguments) -> fp32 [4, B, NB]."""
+def decode_scores(msa, c, qi):
+    """decode_block_scores: the block scores the decode indexer ranks (same arguments) -> fp32 [4, B, NB]."""
     nb_cols = -(-min(c.max_len, c.r2t.shape[1]) // BS)
-    return ix._decode_block_scores_op(qi, c.kidx, c.r2t, c.seqused_k, c.slot_ids, nb_cols, BS, SCALE, False)
+    return msa.decode_block_scores(qi, c.kidx, c.r2t, c.seqused_k, c.slot_ids, nb_cols, BS, sm_scale=SCALE)
 
 
 def decode_attention(msa, c, q, idx):
@@ -439,9 +439,6 @@ def checked_pipeline(msa, c, s, *, progress=log, wrapper=False):
     Returns (rows, r): rows are dicts {stage, op, shape, cos, max_abs, lse_err, peer, ours, note,
     call_s (wall seconds of the first, checked call), ref_s}; r holds the intermediates.
     """
-    import importlib
-
-    ix = importlib.import_module(msa.__name__ + ".indexer")
     rows = []
     r = SimpleNamespace()
     B, L, T = c.B, c.L, c.T
@@ -457,7 +454,7 @@ def checked_pipeline(msa, c, s, *, progress=log, wrapper=False):
     # ---- decode -------------------------------------------------------------------------------
     progress(f"[decode 1/3] indexer flash_decode_with_topk_idx: B={B}, index-K cache of {c.max_len} tokens")
     r.idx_dec, t_call = _timed(lambda: decode_indexer(msa, c, s.qi_dec))
-    sc_k = decode_scores(ix, c, s.qi_dec)
+    sc_k = decode_scores(msa, c, s.qi_dec)
     (sc_ref, t_ref) = _timed(lambda: decode_scores_ref(s.qi_dec, c.kidx, c.r2t, c.lens, sc_k.shape[2], SCALE))
     add("decode", "decode indexer block scores", f"[{HIDX}, {B}, {sc_k.shape[2]}]", score_metrics(sc_k, sc_ref),
         t_call, t_ref)

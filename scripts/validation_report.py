@@ -331,7 +331,7 @@ def chk_nvfp4(msa, ctx: Ctx):
     o_ref, l_ref, _ = lc.REFS.attention_ref(q, kd.to(ctx.dev), vd.to(ctx.dev), vis, D ** -0.5)
     # NVFP4 V spans |e2m1*scale*global| up to ~6 here, so rows attending to few keys have |O| of that size and
     # their bf16 rounding alone is |O|*2^-9: the max-abs gate is taken on O / max(1, max|O_ref| of the row)
-    # (as in tests/test_nvfp4_attention.py; identical for unit-scale rows).
+    # (as in tests/test_prefill_nvfp4.py; identical for unit-scale rows).
     s = o_ref.double().abs().amax(dim=-1, keepdim=True).clamp(min=1.0).to(o.device)
     m = lc.attn_metrics(o.double() / s, o_ref.double().to(o.device) / s, l, l_ref)
     return [_row("sparse_atten_nvfp4_kv_func (dense, causal; ref on the exactly decoded K/V; O / row scale)",
@@ -340,7 +340,6 @@ def chk_nvfp4(msa, ctx: Ctx):
 
 def chk_indexers(msa, ctx: Ctx):
     """M3 indexer shapes (4 index-Q heads, 1 index-K head): FP4 prefill scores + top-k, decode indexer."""
-    ix = importlib.import_module(msa.__name__ + ".indexer")
     c = lc.make_case(msa, ctx=ctx.idx_ctx, batch=ctx.idx_b, chunk=ctx.idx_chunk, device=ctx.dev, dtype=ctx.dtype,
                      seed=51)
     s = lc.make_queries(c, seed=52)
@@ -358,7 +357,7 @@ def chk_indexers(msa, ctx: Ctx):
     rows.append(_row("native_topk_from_scores on the FP4 scores (local forced)", f"[4, {c.T}, {sc.shape[1]}]",
                      lc.exact_metrics(int((q2k.cpu() != want).any(-1).sum()), 4 * c.T), us, "fp32"))
     idx, us = _call(lambda: lc.decode_indexer(msa, c, s.qi_dec), ctx)
-    sk = lc.decode_scores(ix, c, s.qi_dec)
+    sk = lc.decode_scores(msa, c, s.qi_dec)
     ref = lc.decode_scores_ref(s.qi_dec, c.kidx, c.r2t, c.lens, sk.shape[2], lc.SCALE)
     rows.append(_row("flash_decode_with_topk_idx block scores (M3: init 0, local 1)", f"[4, {c.B}, {sk.shape[2]}]",
                      lc.score_metrics(sk, ref), us, ctx.dtype))

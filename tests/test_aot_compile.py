@@ -76,7 +76,7 @@ from msa_blackwell import decode_kernel as dk, prefill_kernel as pf
 for arch in (90, 100, 120, 121):
     major = arch // 10
     st = {c.num_stages for c in dk.aot_configs(arch)}
-    assert st == {dk.config_for_major(major)['num_stages'], dk.config_for_major(major, nvfp4=True)['num_stages']}, (arch, st)
+    assert st == {dk.config_for_major(major).num_stages, dk.config_for_major(major, nvfp4=True).num_stages}, (arch, st)
     cfgs = pf.aot_configs(arch)
     for nv in (0, 1):  # element K/V, NVFP4 K/V (KV_FMT=1, its own table)
         got = {(c.args['G'], c.args['BMT'], c.args['BNS'], c.num_warps, c.num_stages) for c in cfgs
@@ -86,7 +86,7 @@ for arch in (90, 100, 120, 121):
 assert pf.config_table(12) is pf.CFG_SM12 and pf.config_table(9) is pf.CFG_SM90
 assert pf.CFG_SM90[16] == pf.PrefillConfig(8, 64, 8, 3, True) and pf.CFG_SM90[1] == pf.PrefillConfig(64, 64, 8, 2, True)
 assert pf.config_table(10) is pf.CFG_SM100 and all(c.num_stages <= 2 for c in pf.CFG_SM100.values())
-assert dk.DECODE_CONFIGS[9]['num_stages'] == 3 and dk.DECODE_CONFIGS[9]['ctas_per_sm'] == 1
+assert dk.DECODE_CONFIGS[9].num_stages == 3 and dk.DECODE_CONFIGS[9].ctas_per_sm == 1
 print('ok')
 """
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}

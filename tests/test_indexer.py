@@ -1,8 +1,10 @@
-"""Decode indexer (API.md §6.1, §6.5, §11.2): scores, selection, chunked score kernel, against references.
+"""Decode indexer (docs/API.md §6.1, §6.1.1, §6.5, §11.2): scores, selection, chunked score kernel, against
+references.
 
 The FP4 prefill indexer (``fp4_indexer_block_scores``) is tested in tests/test_fp4_indexer.py.
 """
 
+import contextlib
 import importlib
 import math
 
@@ -12,6 +14,8 @@ import torch
 from .helpers import msa
 
 ix = importlib.import_module(msa.__name__ + ".indexer")
+ixk = importlib.import_module(msa.__name__ + ".indexer_kernel")
+tuning = importlib.import_module(msa.__name__ + ".tuning")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -239,21 +243,19 @@ def _check_scores(got, ref, atol=1e-3):
 
 
 @pytest.fixture
-def score_cfg(monkeypatch):
-    """Override the launch entry of the device the tests run on (interpreter: None; CUDA: its capability major)."""
-    major = torch.cuda.get_device_capability()[0] if torch.cuda.is_available() else None
-
-    def set_cfg(tn=None, progs_per_sm=None, max_tpp=None):
-        base = dict(ix.decode_score_config(major))
-        if tn is not None:
-            base["tn"] = {64: tn, 128: tn, 256: tn}
-        if progs_per_sm is not None:
-            base["progs_per_sm"] = progs_per_sm
-        if max_tpp is not None:
-            base["max_tpp"] = max_tpp
-        monkeypatch.setitem(ix.DECODE_SCORE_CONFIGS, major, base)
-        return base
-    return set_cfg
+def score_cfg():
+    """Change the block-score launch entry for the rest of the test (``tuning.override(decode_scores=...)``)."""
+    with contextlib.ExitStack() as stack:
+        def set_cfg(tn=None, progs_per_sm=None, max_tpp=None):
+            changes = {}
+            if tn is not None:
+                changes["tn"] = {64: tn, 128: tn, 256: tn}
+            if progs_per_sm is not None:
+                changes["progs_per_sm"] = progs_per_sm
+            if max_tpp is not None:
+                changes["max_tpp"] = max_tpp
+            return stack.enter_context(tuning.override(decode_scores=changes))
+        yield set_cfg
 
 
 def _ragged_case(B, Hq, Hkv, D, max_slots, width, lens, n_rows=None, dtype=torch.float16):
@@ -340,23 +342,69 @@ def test_decode_scores_opcheck(device, score_cfg):
     torch.library.opcheck(ix._decode_block_scores_op, args)
 
 
+@pytest.mark.parametrize("score_type", ["max", "lse"])
+def test_decode_block_scores_public(device, score_type):
+    """``msa.decode_block_scores`` (docs/API.md §6.1.1): the scores ``flash_decode_with_topk_idx`` ranks, against
+    the float64 reference (ragged lengths incl. 0 and > width, wrapped req_to_token entries, default scale)."""
+    q, kc, r2t, seq_lens, slot_ids = _ragged_case(3, 4, 2, 64, 50, 80, [70, 0, 200])
+    args = [t.to(device) for t in (q, kc, r2t, seq_lens, slot_ids)]
+    got = msa.decode_block_scores(*args, 6, 16, score_type=score_type)
+    ref = _decode_ref_scores(q, kc, r2t, seq_lens, slot_ids, 16, 6, 64 ** -0.5, score_type == "lse")
+    _check_scores(got, ref)
+    assert torch.equal(got, msa.decode_block_scores(*args, 6, 16, sm_scale=64 ** -0.5, score_type=score_type))
+    assert msa.decode_block_scores(*args, 0, 16).shape == (4, 3, 0)
+    _, idx, _ = flash_decode_with_topk_idx(args[0], None, args[1], None, *args[2:4], 96, args[4], 16, 3, 0, 1,
+                                           score_type=score_type, disable_index_value=True)
+    assert torch.equal(idx.cpu(), _ref_select(got.cpu(), seq_lens, 80, 16, 3, 0, 1))
+
+
+def test_decode_block_scores_errors():
+    q, kc, r2t, seq_lens, slot_ids = _ragged_case(2, 4, 2, 64, 50, 80, [70, 3])
+    ok = (q, kc, r2t, seq_lens, slot_ids, 5, 16)
+    for bad, exc in [((q, kc, r2t, seq_lens, slot_ids, -1, 16), ValueError),
+                     ((q, kc, r2t, seq_lens, slot_ids, 5.0, 16), ValueError),
+                     ((q, kc, r2t, seq_lens, slot_ids, 5, 24), ValueError),
+                     ((q, kc, r2t, seq_lens[:1], slot_ids, 5, 16), ValueError),
+                     ((q, kc[:, :, :32], r2t, seq_lens, slot_ids, 5, 16), ValueError),
+                     ((q, kc.float(), r2t, seq_lens, slot_ids, 5, 16), TypeError),
+                     ((q, kc, r2t.float(), seq_lens, slot_ids, 5, 16), TypeError)]:
+        with pytest.raises(exc):
+            msa.decode_block_scores(*bad)
+    with pytest.raises(ValueError, match="score_type"):
+        msa.decode_block_scores(*ok, score_type="mean")
+
+
+def test_decode_scores_plan_per_override():
+    """A plan made inside ``tuning.override(decode_scores=...)`` is cached apart from the table's plan."""
+    q, kc, r2t, seq_lens, slot_ids = _ragged_case(2, 4, 2, 64, 300, 256, [250, 100])
+    args = (q, kc, r2t, seq_lens, slot_ids, 16, 16)
+    ref = msa.decode_block_scores(*args)
+    n = len(ixk._PLAN_CACHE)
+    with tuning.override(decode_scores=dict(tn={64: 16}, progs_per_sm=1, max_tpp=1)):
+        got = msa.decode_block_scores(*args)
+        inner = [v for k, v in ixk._PLAN_CACHE.items() if k[-1] is not None]
+    assert len(ixk._PLAN_CACHE) == n + 1 and inner and inner[-1][4][2] == 16  # TN constexpr of the inner plan
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+    assert torch.equal(msa.decode_block_scores(*args), ref) and len(ixk._PLAN_CACHE) == n + 1
+
+
 def test_decode_score_plan_and_aot_table():
     """Plans cover every block exactly once (tiles_per_prog a multiple of the tiles per block) and every
     per-arch entry is in the AOT list."""
     for major in (None, 9, 10, 12):
-        cfg = ix.decode_score_config(major)
+        cfg = ixk.decode_score_config(major)
         for D in (64, 128, 256):
             for bs in (16, 32, 64, 128, 256, 512):
                 for NB, rows, sms in ((1, 1, 132), (1024, 32, 132), (256, 1, 132), (7, 5, 8), (3, 40, 48)):
-                    TN, tpp, n_chunks = ix.decode_score_plan(cfg, D, bs, NB, rows, sms)
+                    TN, tpp, n_chunks = ixk.decode_score_plan(cfg, D, bs, NB, rows, sms)
                     tpb = max(1, bs // TN)
                     assert tpp % tpb == 0 and 1 <= tpp
                     assert n_chunks * tpp * TN >= NB * bs and (n_chunks - 1) * tpp * TN < NB * bs
     for arch in (90, 100, 120, 121):
-        cfg = ix.decode_score_config(arch // 10)
-        aot = [c for c in ix.aot_configs(arch) if c.fn.__name__ == "_decode_block_scores_kernel"]
-        assert {(c.args["D"], c.args["TN"]) for c in aot} == {(D, cfg["tn"][D]) for D in (64, 128, 256)}
-        assert {(c.num_warps, c.num_stages) for c in aot} == {(cfg["num_warps"], cfg["num_stages"])}
+        cfg = ixk.decode_score_config(arch // 10)
+        aot = [c for c in ixk.aot_configs(arch) if c.fn.__name__ == "_decode_block_scores_kernel"]
+        assert {(c.args["D"], c.args["TN"]) for c in aot} == {(D, cfg.tn[D]) for D in (64, 128, 256)}
+        assert {(c.num_warps, c.num_stages) for c in aot} == {(cfg.num_warps, cfg.num_stages)}
         assert any(c.args["D"] == 128 and c.args["BS"] == 128 and c.args["q_ptr"] == "*bf16" and not c.args["LSE"]
                    and c.args["GP"] == 16 for c in aot)  # the M3 launch
 

@@ -167,3 +167,33 @@ def test_gpu_eager_between_graph_replays(cuda_device):
         e = msa.sparse_decode_atten_func(q, k, v, idx, **kw)
         torch.cuda.synchronize()
         assert torch.equal(out_g, ref) and torch.equal(e, ref), i
+
+
+@pytest.mark.kernels_ci
+def test_tuning_override_never_uses_a_cached_plan(device):
+    """Inside ``tuning.override(decode=...)`` the functional fast path is skipped (no plan of another override
+    is served from ``_SIG`` or ``make_plan``'s cache) and the launch uses the overridden plan; the wrapper's fast
+    path runs only under the overrides its ``plan`` saw."""
+    tuning = importlib.import_module(msa.__name__ + ".tuning")
+    decode_mod._SIG.clear()
+    q, k, v, idx, pt, sk = _paged(device)
+    kw = dict(page_table=pt, seqused_k=sk, seqlen_q=1, max_seqlen_k=640, return_softmax_lse=True)
+    shape = dict(B=2, Hkv=2, G=4, SQ=1, D=128, BS=128, topk=3, hint_blocks=0)
+    split = dk.make_plan(q.device, **shape)
+    o0, l0 = msa.sparse_decode_atten_func(q, k, v, idx, **kw)
+    assert len(decode_mod._SIG) == 1 and split.num_splits > 1
+    with tuning.override(decode=dict(max_splits=1)):
+        assert dk.make_plan(q.device, **shape).num_splits == 1
+        o1, l1 = msa.sparse_decode_atten_func(q, k, v, idx, **kw)
+        ref_o, ref_l = _official_op(q, k, v, idx, pt, sk, 640, lse=True)  # the custom op under the same override
+        w = msa.SparseDecodePagedAttentionWrapper().plan(page_table=pt, seqused_k=sk, seqlen_q=1, max_seqlen_k=640,
+                                                         q2k_indices=idx, num_qo_heads=8, num_kv_heads=2)
+        assert not w.split_kv
+        ow = [w.run(q, k, v) for _ in range(2)]
+    assert len(decode_mod._SIG) == 1 and dk.make_plan(q.device, **shape) is split
+    assert torch.equal(o1, ref_o) and torch.equal(l1, ref_l) and torch.equal(ow[0], o1) and torch.equal(ow[1], o1)
+    torch.testing.assert_close(o1, o0, atol=2e-3, rtol=0)  # another split count: reassociation only
+    torch.testing.assert_close(l1, l0, atol=1e-4, rtol=0)
+    assert len(w._run_sigs) == 1  # planned and run inside the block: its fast path was used
+    with tuning.override(decode=dict(max_splits=1)):
+        assert torch.equal(w.run(q, k, v), o1)  # a new block (other Overrides object): validated path

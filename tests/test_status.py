@@ -1,4 +1,4 @@
-"""API-status helpers and the exact public surface (API.md §7.2, §8)."""
+"""API-status helpers and the exact public surface (docs/API.md §7.2, §8)."""
 
 import types
 
@@ -12,8 +12,9 @@ OFFICIAL = ("sparse_atten_func", "sparse_atten_nvfp4_kv_func", "sparse_decode_at
             "quantize_kv_bf16_to_nvfp4_128x4", "dequantize_nvfp4_128x4_to_bf16", "swizzle_nvfp4_scale_to_128x4",
             "nvfp4_global_scale_from_amax")
 DIRECT = ("has_native_ops", "native_topk_from_scores", "native_nvfp4_dequant_swizzled_to_bf16",
-          "flash_decode_with_topk_idx", "flash_decode_with_gqa_share_sparse", "naive_flash_decode_with_topk_idx",
-          "naive_flash_decode_with_gqa_share_sparse", "get_cu_seqblocks", "robust_allocator")
+          "flash_decode_with_topk_idx", "decode_block_scores", "flash_decode_with_gqa_share_sparse",
+          "naive_flash_decode_with_topk_idx", "naive_flash_decode_with_gqa_share_sparse", "get_cu_seqblocks",
+          "robust_allocator")
 STATUS = ("OFFICIAL_API_STATUS", "OFFICIAL_MINIMAX_MSA_FUNCTIONS", "V1_AVAILABLE_FUNCTIONS", "available_functions",
           "official_api_status", "official_minimax_msa_functions", "unsupported_official_functions")
 

@@ -14,6 +14,7 @@ tuning = importlib.import_module(msa.__name__ + ".tuning")
 pk = importlib.import_module(msa.__name__ + ".prefill_kernel")
 dk = importlib.import_module(msa.__name__ + ".decode_kernel")
 ck = importlib.import_module(msa.__name__ + ".csr_kernel")
+ixk = importlib.import_module(msa.__name__ + ".indexer_kernel")
 
 
 @pytest.mark.kernels_ci
@@ -45,7 +46,10 @@ def test_override_nests_and_restores():
 @pytest.mark.kernels_ci
 @pytest.mark.parametrize("kw", [dict(prefill="8,64"), dict(prefill="128,64,8,2,1"), dict(prefill="8,48,8,2"),
                                 dict(prefill="a,b,c,d"), dict(prefill_fp4_decoder=3), dict(csr_chunk_entries=0),
-                                dict(decode_fp4_decoder=2), dict(decode_fp4_prefetch=True)])
+                                dict(decode_fp4_decoder=2), dict(decode_fp4_prefetch=True),
+                                dict(decode=dict(no_such_field=1)), dict(decode=dict(num_warps=4)),
+                                dict(decode=dict(num_stages=0)), dict(decode_nvfp4={}), dict(decode=(4, 64)),
+                                dict(decode_scores=dict(tn={128: 0})), dict(decode_scores=dict(max_tpp=True))])
 def test_override_rejects_bad_values(kw):
     with pytest.raises(ValueError):
         with tuning.override(**kw):
@@ -83,3 +87,27 @@ def test_prefill_tile_override_same_result(device):
         o1, l1 = msa.sparse_atten_func(*args, **kw)
     torch.testing.assert_close(o1, o0, atol=2e-3, rtol=0)
     torch.testing.assert_close(l1, l0, atol=1e-4, rtol=0)
+
+
+@pytest.mark.kernels_ci
+def test_table_overrides_change_fields():
+    """``decode`` / ``decode_nvfp4`` / ``decode_scores`` change fields of the table entry a launch uses (per-head-dim
+    fields only at the head dims named); plans made inside a block are cached apart from the table's."""
+    cpu = torch.device("cpu")
+    shape = dict(B=1, Hkv=4, G=16, SQ=1, D=128, BS=128, topk=16, hint_blocks=0)
+    p0, p0nv = dk.make_plan(cpu, **shape), dk.make_plan(cpu, nvfp4=True, **shape)
+    with tuning.override(decode=dict(max_splits=1, block_n={128: 32})) as ov:
+        assert ov.decode == (("block_n", ((128, 32),)), ("max_splits", 1))
+        assert dk.device_config(cpu, changes=ov.decode)[0].block_n == {64: 64, 128: 32, 256: 32}
+        p1 = dk.make_plan(cpu, **shape)
+        assert p1.num_splits == 1 and p1.BLOCK_N == 32
+        assert dk.make_plan(cpu, nvfp4=True, **shape) is p0nv  # element-K/V changes only
+        with tuning.override(decode_nvfp4=dk.DecodeConfig(block_n={128: 128}, num_warps={128: 8}, m_cap={128: 32},
+                                                          num_stages=2)) as ov2:
+            assert ov2.decode == ov.decode
+            p2 = dk.make_plan(cpu, nvfp4=True, **shape)
+            assert (p2.BLOCK_N, p2.num_warps, p2.num_stages, p2.BLOCK_M) == (128, 8, 2, 16)
+    assert dk.make_plan(cpu, **shape) is p0 and p0.num_splits > 1
+    with tuning.override(decode_scores=dict(tn={64: 16}, max_tpp=2)) as ov:
+        cfg = ixk.decode_score_config(None).updated(ov.decode_scores)
+        assert cfg.tn == {64: 16, 128: 32, 256: 32} and cfg.max_tpp == 2

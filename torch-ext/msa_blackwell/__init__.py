@@ -30,6 +30,7 @@ __all__ = [
     "native_topk_from_scores",
     "native_nvfp4_dequant_swizzled_to_bf16",
     "flash_decode_with_topk_idx",
+    "decode_block_scores",
     "flash_decode_with_gqa_share_sparse",
     "naive_flash_decode_with_topk_idx",
     "naive_flash_decode_with_gqa_share_sparse",
@@ -67,7 +68,7 @@ from .nvfp4 import (  # noqa: E402
     swizzle_nvfp4_scale_to_128x4,
 )
 from .fp4_indexer import fp4_indexer_block_scores  # noqa: E402
-from .indexer import flash_decode_with_topk_idx, naive_flash_decode_with_topk_idx  # noqa: E402
+from .indexer import decode_block_scores, flash_decode_with_topk_idx, naive_flash_decode_with_topk_idx  # noqa: E402
 from .status import (  # noqa: E402
     OFFICIAL_API_STATUS,
     OFFICIAL_MINIMAX_MSA_FUNCTIONS,

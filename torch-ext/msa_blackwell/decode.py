@@ -1,4 +1,4 @@
-"""Sparse paged decode attention (API.md 5.1, 5.2, 6.2).
+"""Sparse paged decode attention (docs/API.md §5.1, §5.2, §6.2).
 
 All three entry points run the same Triton kernel (``decode_kernel.msa_decode_kernel``) with the same
 shape-only split policy, so equivalent inputs give bitwise-identical outputs:
@@ -22,18 +22,20 @@ Eager fast path. Each functional entry point validates a call signature (dtypes,
 devices and host arguments, ``_launch.tensor_key``) once and caches the launch plan for it; later
 eager calls with that signature skip the checks and the custom-op dispatcher and launch the compiled
 Triton kernel directly (``_launch.TritonLauncher``). ``wrapper.run`` caches the signatures of its
-``(q, k, v, out, lse)`` against the plan. Under ``torch.compile`` every call goes through the custom
+``(q, k, v, out, lse)`` against the plan. Inside a ``tuning.override`` block (docs/API.md §9) the fast
+paths are skipped, so a launch never uses a plan made under other overrides; the wrapper's fast path
+runs only under the overrides its ``plan`` saw. Under ``torch.compile`` every call goes through the custom
 ops (``_sparse_decode_fwd``, ``_sparse_decode_fwd_out``; NVFP4 K/V through their optional scale
 arguments), which compute the same launch.
 
 FP8 (e4m3) KV is read as fp8 and widened to q's dtype in registers right before each ``tl.dot``; the
 MMA shapes and accumulation order are the same as for bf16 KV, but the two are different Triton
-compilations, so the result is within bf16 tolerance of running on ``k.to(bfloat16)`` (API: MUST)
-and not guaranteed bitwise equal to it (API: SHOULD; a documented deviation, checked by the tests
-with a tolerance and a warning that reports the difference).
+compilations, so the result is within bf16 tolerance of running on ``k.to(bfloat16)`` and may differ
+from it in the last bits (docs/API.md §3.1; the tests check it with a tolerance and report the
+difference).
 
-NVFP4 K/V (package extension; the spec's 5.1 / 5.2 are silent on it, so the decode path follows the
-conventions of 5.13 ``sparse_atten_nvfp4_kv_func``):
+NVFP4 K/V (package extension; docs/API.md §5.1 / §5.2, with the conventions of §5.13
+``sparse_atten_nvfp4_kv_func``):
 
 - ``sparse_decode_atten_func(..., k_scale_128x4=None, v_scale_128x4=None, k_global_scale=None,
   v_global_scale=None)`` and ``SparseDecodePagedAttentionWrapper.run(q, k, v, *, k_scale_128x4=...,
@@ -47,9 +49,9 @@ conventions of 5.13 ``sparse_atten_nvfp4_kv_func``):
   ``k``/``v`` may also be ``Nvfp4QuantizedTensor``s (unpacked into data, scale_128x4, global_scale).
 - Errors: scales / global scales with non-uint8 k/v, uint8 k/v without both scales, or an
   ``Nvfp4QuantizedTensor`` together with explicit scales for it: ValueError naming the argument;
-  otherwise 5.13's table (k/v or scales not uint8, global scale not fp32: TypeError; shapes, packed
+  otherwise §5.13's table (k/v or scales not uint8, global scale not fp32: TypeError; shapes, packed
   dim != 64, scale rank / columns / size, empty global scale, page dim != blk_kv: ValueError; head
-  dim, blk_kv, GQA: MsaUnsupportedError) plus 5.1's metadata checks. q: bf16 / fp16 / fp8; output bf16
+  dim, blk_kv, GQA: MsaUnsupportedError) plus §5.1's metadata checks. q: bf16 / fp16 / fp8; output bf16
   for fp8 q, else q's dtype. ``flash_decode_with_gqa_share_sparse`` rejects NVFP4 caches
   (MsaUnsupportedError).
 - Semantics: attention over ``K = e2m1(k) * E4M3(k_scale) * k_global`` and likewise V (LSE included).
@@ -59,7 +61,7 @@ conventions of 5.13 ``sparse_atten_nvfp4_kv_func``):
   / fp8 q scaled per row by a power of two into fp16), ``k_global`` and the 2^7 fold into the logit
   scale inside the kernel (so the LSE is that of attention over the dequantised K), ``v_global`` and
   the 2^7 multiply the final output once (split partials stay unscaled). Accuracy: P is rounded to
-  fp16 before PV (finer than bf16 P on the native path); within API.md 3.5's NVFP4 criterion of
+  fp16 before PV (finer than bf16 P on the native path); within docs/API.md §3.5's NVFP4 criterion of
   ``sparse_decode_atten_func`` on the dequantised bf16 K/V (which rounds ``K * k_global`` to bf16).
 - Same launch policy and workspaces as the native path (one launch per call / run, CUDA-graph
   capturable); NVFP4 launches may use their own tile config (``decode_kernel.NVFP4_CONFIG_OVERRIDES``),
@@ -70,6 +72,8 @@ from typing import Optional, Tuple
 
 import torch
 
+from . import tuning
+from ._common import MAX_TOPK, round_up
 from ._registry import add_op_namespace_prefix
 from ._validate import (
     FP8,
@@ -85,11 +89,10 @@ from ._validate import (
 from ._launch import SignatureCache, eager, tensor_key
 from .decode_kernel import LAYOUT_HND, LAYOUT_TOKEN, launch, make_plan, workspace_sizes
 from .errors import MsaUnsupportedError
-from .nvfp4 import Nvfp4QuantizedTensor, _round_up
+from .nvfp4 import Nvfp4QuantizedTensor
 
 BLK_KV = 128
 HEAD_DIM = 128
-MAX_TOPK = 64
 DIRECT_HEAD_DIMS = (64, 128, 256)
 DIRECT_MAX_GQA = 64
 _I32 = (torch.int32,)
@@ -313,7 +316,7 @@ def _validate_official(q, k, v, q2k_indices, page_table, seqused_k, seqlen_q, ma
                    ("seqused_k", seqused_k)])
 
 
-# ---- NVFP4 K/V (the decode extension of API.md 5.13's conventions) ----------------------------------
+# ---- NVFP4 K/V (the decode extension of docs/API.md §5.13's conventions) ------------------------------
 
 
 def _unpack_quantized(name, t, scale, global_scale):
@@ -347,7 +350,7 @@ def _resolve_kv(k, v, k_scale, v_scale, k_global, v_global):
         raise TypeError(f"k and v must have the same dtype, got {k.dtype} and {v.dtype}")
     for n, x in named[:2]:
         if x is None:
-            raise ValueError(f"k and v are uint8 (packed NVFP4, API.md 5.13): {n} is required")
+            raise ValueError(f"k and v are uint8 (packed NVFP4, docs/API.md §5.13): {n} is required")
     return k, v, (k_scale, v_scale, k_global, v_global)
 
 
@@ -356,7 +359,7 @@ def _check_nvfp4_scale(name, scale, rows):
     if scale.dim() != 2 or scale.shape[1] < NVFP4_SCALE_COLS:
         raise ValueError(f"{name} must be 2-D with at least {NVFP4_SCALE_COLS} columns, got shape "
                          f"{tuple(scale.shape)}")
-    need = _round_up(rows, 128) * NVFP4_SCALE_COLS
+    need = round_up(rows, 128) * NVFP4_SCALE_COLS
     if scale.numel() < need:
         raise ValueError(f"{name} has {scale.numel()} elements; the 128x4 layout of {rows} rows x "
                          f"{NVFP4_SCALE_COLS} columns needs at least {need}")
@@ -371,7 +374,7 @@ def _check_nvfp4_global(name, gs):
 
 
 def _validate_nvfp4(q, k, v, fp4, q2k_indices, page_table, seqused_k, seqlen_q, max_seqlen_k, blk_kv):
-    """API.md 5.1 checks with the packed NVFP4 K/V rules of 5.13 (paged layout, head dim 128)."""
+    """docs/API.md §5.1 checks with the packed NVFP4 K/V rules of §5.13 (paged layout, head dim 128)."""
     k_scale, v_scale, k_global, v_global = fp4
     check_tensor("q", q, ndim=3)
     check_tensor("q", q, dtypes=_NVFP4_Q_DTYPES)
@@ -412,7 +415,7 @@ def _dense_hint(page_table, max_seqlen_k):
 
 
 # ------------------------------------------------------------------------------------------------
-# 5.1 sparse_decode_atten_func
+# docs/API.md §5.1 sparse_decode_atten_func
 # ------------------------------------------------------------------------------------------------
 
 
@@ -428,7 +431,7 @@ def sparse_decode_atten_func(q, k, v, q2k_indices=None, *, page_table, seqused_k
     ``return_softmax_lse``, fp32 lse [B*seqlen_q, Hq]. ``schedule``, ``O_partial``, ``LSE_partial``
     are accepted and ignored. No host synchronisation.
 
-    NVFP4 K/V (package extension, conventions of API.md 5.13): ``k``, ``v`` uint8 packed E2M1
+    NVFP4 K/V (package extension, conventions of docs/API.md §5.13): ``k``, ``v`` uint8 packed E2M1
     ``[num_pages, Hkv, 128, 64]`` (any strides) with ``k_scale_128x4`` / ``v_scale_128x4`` uint8 2-D
     128x4-swizzled E4M3 scales (read as logical row-major flat buffers with C = 8, at least
     ``round_up(num_pages*Hkv*128, 128) x 8`` elements; scale row of (page, head h, slot s) is
@@ -438,10 +441,10 @@ def sparse_decode_atten_func(q, k, v, q2k_indices=None, *, page_table, seqused_k
     scales as well is a ValueError). The result is attention over ``K = e2m1(k)*E4M3(k_scale)*k_global``
     (same for V), LSE included; dequantisation is fused into the kernel (bf16 K/V are never
     materialised). Scales with non-uint8 k/v, or uint8 k/v without scales: ValueError naming the
-    argument; other errors as API.md 5.13's table.
+    argument; other errors as docs/API.md §5.13's table.
     """
     if (k_scale_128x4 is None and v_scale_128x4 is None and k_global_scale is None and v_global_scale is None
-            and eager()):
+            and eager() and not tuning.active()):
         try:
             key = ("official", tensor_key(q), tensor_key(k), tensor_key(v), tensor_key(q2k_indices),
                    tensor_key(page_table), tensor_key(seqused_k),
@@ -477,7 +480,7 @@ def sparse_decode_atten_func(q, k, v, q2k_indices=None, *, page_table, seqused_k
 
 
 # ------------------------------------------------------------------------------------------------
-# 5.2 SparseDecodePagedAttentionWrapper
+# docs/API.md §5.2 SparseDecodePagedAttentionWrapper
 # ------------------------------------------------------------------------------------------------
 
 
@@ -556,6 +559,7 @@ class SparseDecodePagedAttentionWrapper:
         self._counter = torch.zeros(max(nc, 1), dtype=torch.int32, device=dev)
         self._lse_dummy = torch.empty(0, dtype=torch.float32, device=dev)
         self._run_sigs = SignatureCache(64)  # run() signatures validated against this plan
+        self._tuning = tuning.current()  # the overrides the plans were made under (run()'s fast path needs them)
         self._planned = True
         return self
 
@@ -571,7 +575,7 @@ class SparseDecodePagedAttentionWrapper:
             raise RuntimeError("decode wrapper must be planned before run")
         key = None
         if (k_scale_128x4 is None and v_scale_128x4 is None and k_global_scale is None and v_global_scale is None
-                and eager()):
+                and eager() and tuning.current() is self._tuning):
             try:
                 key = (tensor_key(q), tensor_key(k), tensor_key(v), tensor_key(out), tensor_key(lse),
                        _host_key(softmax_scale, return_softmax_lse))
@@ -639,7 +643,7 @@ class SparseDecodePagedAttentionWrapper:
 
 
 # ------------------------------------------------------------------------------------------------
-# 6.2 flash_decode_with_gqa_share_sparse
+# docs/API.md §6.2 flash_decode_with_gqa_share_sparse
 # ------------------------------------------------------------------------------------------------
 
 
@@ -692,7 +696,7 @@ def flash_decode_with_gqa_share_sparse(q, sink, k_cache, v_cache, req_to_token, 
     """
     key = ent = None
     try:
-        if eager():
+        if eager() and not tuning.active():
             key = ("direct", tensor_key(q), tensor_key(sink), tensor_key(k_cache), tensor_key(v_cache),
                    tensor_key(req_to_token), tensor_key(seq_lens), tensor_key(slot_ids), tensor_key(topk_idx),
                    _host_key(block_size, sm_scale))

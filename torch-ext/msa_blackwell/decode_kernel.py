@@ -1,4 +1,5 @@
-"""One split-KV Triton decode kernel for both KV layouts, plus its host-side launch policy.
+"""One split-KV Triton decode kernel for both KV layouts (docs/API.md §5.1, §5.2, §6.2), plus its host-side
+launch policy: the per-architecture ``DECODE_CONFIGS`` table, ``make_plan`` and ``aot_configs``.
 
 Layouts (constexpr ``LAYOUT``):
 
@@ -16,7 +17,7 @@ Work decomposition. One program per ``(b, g, m_tile, split)``:
   slot (token-row ``i``, slot ``s``) of the index rows of the tile's tokens, times the
   ``BS // BLOCK_N`` sub-tiles of a block (dense path: every block ``< ceil(Lk / BS)``). A split owns
   a contiguous range of that list, so at small batch one block is spread over several programs.
-- Set semantics (API.md 3.2): a tile whose block id already occurred earlier in the tile list is
+- Set semantics (docs/API.md §3.2): a tile whose block id already occurred earlier in the tile list is
   skipped (duplicates count once), ids < 0 / out of range / beyond the page table are skipped and
   never dereferenced; a row ``m`` only sees tiles of blocks that occur in its own token's index row.
 - Combine (``NUM_SPLITS > 1``): every split writes fp32 partials ``(acc, m, l)`` (log2 domain),
@@ -25,92 +26,98 @@ Work decomposition. One program per ``(b, g, m_tile, split)``:
   result does not depend on which program is last), writes O / LSE and resets the counter to 0,
   leaving the counter buffer zeroed for the next launch (self-cleaning).
 
-K/V formats (constexpr ``KV_FMT``): 0 = bf16 / fp16 / fp8 K/V (its generated code is unchanged by the
-NVFP4 support: every NVFP4 addition sits behind ``KV_FMT == 1``); 1 = packed NVFP4 (HND only, no sink):
+K/V formats (constexpr ``KV_FMT``): 0 = bf16 / fp16 / fp8 K/V (every NVFP4 part of the kernel sits behind
+``KV_FMT == 1``); 1 = packed NVFP4 (HND only, no sink):
 ``K, V`` uint8 ``[P, Hkv, BS, D/2]``, ``KSC, VSC`` the flat 128x4-swizzled E4M3 scale bytes (scale row
 ``(page * Hkv + g) * BS + slot``), ``KGS, VGS`` the fp32 global scales (element 0; ``HAS_KG`` /
 ``HAS_VG`` False = 1.0). Each K/V tile is decoded in registers into an even-element and an odd-element
 fp16 tile (``_fp4_kv_tiles``, see the NVFP4 section below; ``FP4_DEC`` picks the PTX or the portable
-decoder), QK^T = q_even . K_even^T + q_odd . K_odd^T, PV into even / odd output halves. ``k_global * 2^7``
-folds into the logit scale (``qk_row``; LSE consistent), ``v_global * 2^7`` multiplies the final O once
+decoder), QK^T = q_even . K_even^T + q_odd . K_odd^T, PV into even / odd output halves. ``k_global * FP4_POW2``
+folds into the logit scale (``qk_row``; LSE consistent), ``v_global * FP4_POW2`` multiplies the final O once
 (``_nvfp4_epilogue``; split partials stay unscaled, layout ``[even half | odd half]``).
 """
 
 import copy
+import dataclasses
 import functools
+from typing import Mapping
 
 import torch
 import triton
 import triton.language as tl
 
 from . import tuning
+from ._common import LOG2E, TableEntry, device_info
 from ._launch import TritonLauncher
-from .nvfp4_tile import (FP4_ASM_F16, FP4_DEC_ASM, FP4_DEC_PORTABLE, e2m1_nibbles_f16, e4m3_times_128_f16,
-                         nvfp4_decode_bytes_f16, nvfp4_scale_offset)
+from .nvfp4_tile import (FP4_ASM_F16, FP4_DEC_ASM, FP4_DEC_PORTABLE, FP4_POW2, e2m1_nibbles_f16, e4m3_times_128_f16,
+                         nvfp4_decode_bytes_f16, nvfp4_load_bytes, nvfp4_q_pow2, nvfp4_scale_bytes)
 
 LAYOUT_HND = 0
 LAYOUT_TOKEN = 1
 
-# ---------------------------------------------------------------------------------------------
-# Tuning table, keyed by compute-capability major (None = CPU interpreter / unknown GPU).
-# block_n / num_warps are per head dim. Split policy knobs:
-#   ctas_per_sm      target number of programs per SM when choosing the split count
-#   combine_budget   max bytes of partials (rows * D * 4 per split) the last program reads
-#   min_tiles_split  a split gets at least this many BLOCK_N-tiles
-#   max_splits       hard cap on the split count
-#   big_tiles        if every split would still own >= this many tiles, the combine budget may be
-#                    exceeded (long dense contexts), up to max_splits
-#   chunk_max        tiles whose index work (ids, dedupe, page lookups) is vectorised per chunk; a
-#                    sparse chunk also holds a [chunk, TOK_P2, TK_P2] compare <= chunk_elems
-#   slot_pre_units   token layout: the slot ids of a chunk's tiles are loaded before its tile loop (K/V
-#                    addresses then depend on registers only) when the grid has at most this many
-#                    programs per SM; above it, per tile (fewer registers, latency hidden by occupancy).
-#                    H100, 32K, top-16, M3 shape: preload 14.3 / 26.1 / 103 us at B = 1 / 8 / 64 (per tile:
-#                    19.5 / 38.8 / 139), but 222 us at B = 128 (per tile: 195)
-# ---------------------------------------------------------------------------------------------
-_BASE = dict(
-    block_n={64: 64, 128: 64, 256: 32},
-    num_warps={64: 4, 128: 4, 256: 8},
-    num_stages=3,
-    m_cap={64: 64, 128: 64, 256: 32},
-    ctas_per_sm=2,
-    combine_budget=128 * 1024,
-    min_tiles_split=1,
-    max_splits=64,
-    big_tiles=32,
-    chunk_max=16,
-    chunk_elems=4096,
-    slot_pre_units=2,
-)
+
+@dataclasses.dataclass(frozen=True)
+class DecodeConfig(TableEntry):
+    """One entry of the decode launch table (``DECODE_CONFIGS``, keyed by compute-capability major).
+
+    Per head dim D (dicts D -> int): ``block_n`` tokens per KV tile, ``num_warps``, ``m_cap`` the largest
+    BLOCK_M (M tile rows). Split policy:
+
+    - ``ctas_per_sm``: target number of programs per SM when choosing the split count;
+    - ``combine_budget``: max bytes of partials (rows * D * 4 per split) the last program reads;
+    - ``min_tiles_split``: a split gets at least this many BLOCK_N tiles; ``max_splits``: hard cap;
+    - ``big_tiles``: if every split would still own >= this many tiles, the combine budget may be exceeded
+      (long dense contexts), up to ``max_splits``;
+    - ``chunk_max``: tiles whose index work (ids, dedupe, page lookups) is vectorised per chunk; a sparse
+      chunk also holds a ``[chunk, TOK_P2, TK_P2]`` compare of at most ``chunk_elems`` elements;
+    - ``slot_pre_units``: token layout: the slot ids of a chunk's tiles are loaded before its tile loop (K/V
+      addresses then depend on registers only) when the grid has at most this many programs per SM; above
+      it, per tile (fewer registers, latency hidden by occupancy). H100, 32K, top-16, M3 shape: preload
+      14.3 / 26.1 / 103 us at B = 1 / 8 / 64 (per tile: 19.5 / 38.8 / 139), but 222 us at B = 128 (per
+      tile: 195).
+
+    ``tuning.override(decode=..., decode_nvfp4=...)`` changes fields of the entry a launch uses.
+    """
+
+    PER_HEAD_DIM = ("block_n", "num_warps", "m_cap")
+    ZERO_OK = ("slot_pre_units",)
+
+    block_n: Mapping[int, int]
+    num_warps: Mapping[int, int]
+    m_cap: Mapping[int, int]
+    num_stages: int = 3
+    ctas_per_sm: int = 2
+    combine_budget: int = 128 * 1024
+    min_tiles_split: int = 1
+    max_splits: int = 64
+    big_tiles: int = 32
+    chunk_max: int = 16
+    chunk_elems: int = 4096
+    slot_pre_units: int = 2
+
+
+_BASE = DecodeConfig(block_n={64: 64, 128: 64, 256: 32}, num_warps={64: 4, 128: 4, 256: 8},
+                     m_cap={64: 64, 128: 64, 256: 32})
 DECODE_CONFIGS = {
     # Hopper: 228 KB smem per SM. One program per (b, g) once that fills the SMs once: at B = 64 (256 units)
     # S = 1 measured 97.6 us vs 112 us for S = 2 (H100 sweep); B = 1 / 8 unchanged.
-    9: dict(_BASE, ctas_per_sm=1),
+    9: dataclasses.replace(_BASE, ctas_per_sm=1),
     # Blackwell: M tiles of at most 32 rows at D = 128 (64-row tiles spill inside the MMA loop there: sm_100
     # 370-600 LDL/STL, sm_12x fp8 39; scripts/aot_check.py, Triton 3.8). Unmeasured.
-    10: dict(_BASE, m_cap={64: 64, 128: 32, 256: 32}),  # datacenter Blackwell
-    12: dict(_BASE, num_stages=2, m_cap={64: 64, 128: 32, 256: 32}),  # consumer Blackwell: ~99 KB smem per block
-    None: dict(_BASE, num_stages=1),  # interpreter / other
+    10: dataclasses.replace(_BASE, m_cap={64: 64, 128: 32, 256: 32}),  # datacenter Blackwell
+    # consumer Blackwell: ~99 KB smem per block
+    12: dataclasses.replace(_BASE, num_stages=2, m_cap={64: 64, 128: 32, 256: 32}),
+    None: dataclasses.replace(_BASE, num_stages=1),  # interpreter / other
 }
 
 _SM_COUNT_CPU = 8  # interpreter: small, but enough to exercise the split + combine path
 
-
-@functools.lru_cache(maxsize=None)
-def _device_info(device_type: str, index):
-    """(capability major or None, SM count) for a device, read once per device."""
-    if device_type != "cuda":
-        return None, _SM_COUNT_CPU
-    props = torch.cuda.get_device_properties(index if index is not None else torch.cuda.current_device())
-    return props.major, props.multi_processor_count
-
-
-# Packed NVFP4 K/V launches use ``DECODE_CONFIGS`` updated with these entries (same keys; keyed like
-# DECODE_CONFIGS, None = interpreter / other); a missing major = the bf16 policy. sm_90 is measured (below);
-# the others are compile-time (SASS) choices; sweep with benchmarks/bench_decode.py (MSA_DECODE_SWEEP=nvfp4).
-# - sm_100 (sm_90 before the sweep): 8 warps. The NVFP4 tile loop issues ~790 SASS instructions per 64-token tile and warp
-#   with 4 warps (bf16: ~540) at 200 registers, i.e. 2 CTAs = 8 warps per SM; with 8 warps the kernel
-#   fits 128 registers, so 16 warps per SM hide the decode's latency (no spill in the main loop).
+# Packed NVFP4 K/V launches use the ``DECODE_CONFIGS`` entry of their major with these field changes
+# (``DecodeConfig.changes`` form; a missing major = the element-K/V entry). sm_90 is measured (below); the others
+# are compile-time (SASS) choices; sweep with benchmarks/bench_decode.py (MSA_DECODE_SWEEP=nvfp4).
+# - sm_100: 8 warps. The NVFP4 tile loop issues ~790 SASS instructions per 64-token tile and warp with 4 warps
+#   (bf16: ~540) at 200 registers, i.e. 2 CTAs = 8 warps per SM; with 8 warps the kernel fits 128 registers, so
+#   16 warps per SM hide the decode's latency (no spill in the main loop).
 # - sm_100: BLOCK_M 64 (G * seqlen_q > 32) would use tcgen05 MMAs, whose software pipeliner cannot
 #   predicate the decoder's (deliberately non-pure) inline asm, and sm_12x's BLOCK_M 64 spills inside the
 #   main loop (2-stage schedule, 4 or 8 warps; scripts/aot_check.py): M tiles are capped at 32 rows there
@@ -120,29 +127,28 @@ NVFP4_CONFIG_OVERRIDES = {
     # B = 1 / 8 / 64 (16.2 / 25.9 / 92.5 us vs 16.8 / 38.4 / 128 us for 8 warps, BLOCK_N 64, 3 stages).
     # BLOCK_M 64 (G * seqlen_q > 32) spills inside the main loop at BLOCK_N 128 / 4 warps (aot_check): M tiles
     # are capped at 32 rows (G * seqlen_q = 64 takes two M tiles; the M3 decode shape G = 16 is unaffected).
-    9: dict(block_n={**_BASE["block_n"], 128: 128}, num_stages=2, m_cap={**_BASE["m_cap"], 128: 32}),
-    10: dict(num_warps={**_BASE["num_warps"], 128: 8}, m_cap={**_BASE["m_cap"], 128: 32}),
-    12: dict(m_cap={**_BASE["m_cap"], 128: 32}),
+    9: DecodeConfig.changes("NVFP4_CONFIG_OVERRIDES[9]", dict(block_n={128: 128}, num_stages=2, m_cap={128: 32})),
+    10: DecodeConfig.changes("NVFP4_CONFIG_OVERRIDES[10]", dict(num_warps={128: 8}, m_cap={128: 32})),
+    12: DecodeConfig.changes("NVFP4_CONFIG_OVERRIDES[12]", dict(m_cap={128: 32})),
 }
 
 
-def config_for_major(major, nvfp4: bool = False):
-    """The ``DECODE_CONFIGS`` entry used on a device of compute-capability major ``major`` (None = CPU);
-    ``nvfp4``: with the ``NVFP4_CONFIG_OVERRIDES`` of that major applied."""
-    cfg = DECODE_CONFIGS.get(major)
-    if cfg is None:
-        cfg = DECODE_CONFIGS[9] if major is not None and major >= 9 else DECODE_CONFIGS[None]
-    if nvfp4:
-        key = major if major in DECODE_CONFIGS else (9 if major is not None and major >= 9 else None)
-        over = NVFP4_CONFIG_OVERRIDES.get(key)
-        if over:
-            cfg = dict(cfg, **over)
+def config_for_major(major, nvfp4: bool = False) -> DecodeConfig:
+    """The table's ``DecodeConfig`` for a device of compute-capability major ``major`` (None = CPU interpreter;
+    an unknown major >= 9 uses sm_90's); ``nvfp4``: with the ``NVFP4_CONFIG_OVERRIDES`` changes of that major."""
+    key = major if major in DECODE_CONFIGS else (9 if major is not None and major >= 9 else None)
+    cfg = DECODE_CONFIGS[key]
+    if nvfp4 and key in NVFP4_CONFIG_OVERRIDES:
+        cfg = cfg.updated(NVFP4_CONFIG_OVERRIDES[key])
     return cfg
 
 
-def device_config(device: torch.device, nvfp4: bool = False):
-    major, sms = _device_info(device.type, device.index)
-    return config_for_major(major, nvfp4), sms
+def device_config(device: torch.device, nvfp4: bool = False, changes=None):
+    """``(DecodeConfig, SM count)`` of a launch on ``device``, with ``changes`` (``DecodeConfig.changes`` form,
+    the ``tuning.override`` value) applied."""
+    major, sms = device_info(device.type, device.index, _SM_COUNT_CPU)
+    cfg = config_for_major(major, nvfp4)
+    return (cfg.updated(changes) if changes else cfg), sms
 
 
 def _next_pow2(n: int) -> int:
@@ -160,7 +166,6 @@ class LaunchPlan:
         return "LaunchPlan(" + ", ".join(f"{k}={getattr(self, k)}" for k in self.__slots__) + ")"
 
 
-@functools.lru_cache(maxsize=512)
 def make_plan(device, *, B, Hkv, G, SQ, D, BS, topk, hint_blocks, split_override=0, max_grid=0,
               nvfp4=False) -> LaunchPlan:
     """Choose tile sizes and the split count.
@@ -168,23 +173,32 @@ def make_plan(device, *, B, Hkv, G, SQ, D, BS, topk, hint_blocks, split_override
     topk: slots per index row (0 = dense path); hint_blocks: dense path's expected block count
     (``min(page_table.shape[1], ceil(max_seqlen_k / BS))``); split_override > 0 forces the number of
     tiles per split (wrapper hints); max_grid > 0 caps the grid; nvfp4: packed NVFP4 K/V (config with
-    ``NVFP4_CONFIG_OVERRIDES``). Cached on its arguments (call ``make_plan.cache_clear()`` after editing
-    ``DECODE_CONFIGS`` / ``NVFP4_CONFIG_OVERRIDES``).
+    ``NVFP4_CONFIG_OVERRIDES``). The config is the device's table entry with the active
+    ``tuning.override(decode=...)`` (``decode_nvfp4=`` for NVFP4) changes; plans are cached per device,
+    changes and arguments.
     """
-    cfg, sms = device_config(device, nvfp4)
-    return plan_from_config(cfg, sms, B=B, Hkv=Hkv, G=G, SQ=SQ, D=D, BS=BS, topk=topk, hint_blocks=hint_blocks,
-                            split_override=split_override, max_grid=max_grid)
+    ov = tuning.current()
+    return _cached_plan(device, ov.decode_nvfp4 if nvfp4 else ov.decode, B=B, Hkv=Hkv, G=G, SQ=SQ, D=D, BS=BS,
+                        topk=topk, hint_blocks=hint_blocks, split_override=split_override, max_grid=max_grid,
+                        nvfp4=nvfp4)
+
+
+@functools.lru_cache(maxsize=512)
+def _cached_plan(device, changes, **kw) -> LaunchPlan:
+    nvfp4 = kw.pop("nvfp4")
+    cfg, sms = device_config(device, nvfp4, changes)
+    return plan_from_config(cfg, sms, **kw)
 
 
 def plan_from_config(cfg, sms, *, B, Hkv, G, SQ, D, BS, topk, hint_blocks, split_override=0,
                      max_grid=0) -> LaunchPlan:
-    """``make_plan`` for an explicit ``DECODE_CONFIGS`` entry and SM count (also used by ``aot_configs``)."""
+    """``make_plan`` for an explicit ``DecodeConfig`` and SM count (also used by ``aot_configs``)."""
     p = LaunchPlan()
     p.B, p.Hkv, p.G, p.SQ, p.D, p.BS, p.topk = B, Hkv, G, SQ, D, BS, topk
     p.dense = topk == 0
     rows = G * SQ
-    p.BLOCK_M = min(max(16, _next_pow2(rows)), cfg["m_cap"][D])
-    p.BLOCK_N = min(cfg["block_n"][D], BS)
+    p.BLOCK_M = min(max(16, _next_pow2(rows)), cfg.m_cap[D])
+    p.BLOCK_N = min(cfg.block_n[D], BS)
     p.MT = -(-rows // p.BLOCK_M)
     tpb = BS // p.BLOCK_N
     tok_max = min(SQ, -(-p.BLOCK_M // G) + 1)
@@ -198,28 +212,28 @@ def plan_from_config(cfg, sms, *, B, Hkv, G, SQ, D, BS, topk, hint_blocks, split
     if split_override > 0:
         splits = -(-p.tiles_hint // split_override)
     else:
-        target = cfg["ctas_per_sm"] * sms
+        target = cfg.ctas_per_sm * sms
         splits = 1 if p.units >= target else -(-target // max(p.units, 1))
-        cap_budget = max(1, cfg["combine_budget"] // (min(rows, p.BLOCK_M) * D * 4))
+        cap_budget = max(1, cfg.combine_budget // (min(rows, p.BLOCK_M) * D * 4))
         cap = cap_budget
-        if p.tiles_hint // max(cap_budget, 1) >= cfg["big_tiles"]:
-            cap = max(cap_budget, min(cfg["max_splits"], p.tiles_hint // cfg["big_tiles"]))
-        splits = min(splits, cap, cfg["max_splits"], max(1, p.tiles_hint // cfg["min_tiles_split"]))
+        if p.tiles_hint // max(cap_budget, 1) >= cfg.big_tiles:
+            cap = max(cap_budget, min(cfg.max_splits, p.tiles_hint // cfg.big_tiles))
+        splits = min(splits, cap, cfg.max_splits, max(1, p.tiles_hint // cfg.min_tiles_split))
     splits = max(1, min(splits, p.tiles_hint))
     if max_grid > 0 and p.units > 0:
         splits = max(1, min(splits, max_grid // p.units))
     p.tiles_per_split = -(-p.tiles_hint // splits)
     p.num_splits = -(-p.tiles_hint // p.tiles_per_split)
     p.NS_P2 = _next_pow2(p.num_splits)
-    p.num_warps = cfg["num_warps"][D]
-    p.num_stages = cfg["num_stages"]
-    chunk = min(_next_pow2(p.tiles_per_split), cfg["chunk_max"])
+    p.num_warps = cfg.num_warps[D]
+    p.num_stages = cfg.num_stages
+    chunk = min(_next_pow2(p.tiles_per_split), cfg.chunk_max)
     if not p.dense:
-        lim = max(1, cfg["chunk_elems"] // (p.TOK_P2 * p.TK_P2))
+        lim = max(1, cfg.chunk_elems // (p.TOK_P2 * p.TK_P2))
         chunk = min(chunk, 1 << (lim.bit_length() - 1))
     p.chunk = max(2, chunk)
     p.grid = (p.units * p.num_splits,)
-    p.slot_pre = int(p.grid[0] <= cfg["slot_pre_units"] * sms)
+    p.slot_pre = int(p.grid[0] <= cfg.slot_pre_units * sms)
     return p
 
 
@@ -258,39 +272,27 @@ def _finalize(acc, m_i, l_i, q, SINK, heads, ss_h, ss_d, offs_d, row_ok, scale_l
 # nibbles: elements 0, 2, ..) and the "odd" tile (high nibbles) apart, contracts QK^T as
 # q_even . even^T + q_odd . odd^T and accumulates PV into an even and an odd output half.
 #
-# Values. The MMAs run in fp16 for every q dtype (fp8 q -> fp16 is exact; bf16 q is scaled per row by a
-# power of two into [2^14, 2^15) and then is exact in fp16, the power of two is undone on the logits).
-# A tile element is ``e2m1 * E4M3scale * 2^-7``, exact in fp16: the E2M1 nibble is placed bit-wise into
-# an fp16 (``mag << 9 | sign << 15`` is the fp16 ``e2m1 * 2^-14``, subnormal for 0.5) and multiplied
-# once by the block scale times 2^7 (<= 448 * 2^7 < 65504); the product has at most 5 significant bits
-# and lies in [2^-17, 21]. The 2^7 and the global scales are applied outside the MMAs:
-# ``scale_log2 * 2^7 * k_global`` on the logits, ``2^7 * v_global`` once on the final output.
+# Values: the fp16 tiles of nvfp4_tile.py (``e2m1 * E4M3scale / FP4_POW2``, exact in fp16; FP4_DEC picks the
+# portable or the PTX nibble decoder), fp16 MMAs for every q dtype (bf16 / fp8 q scaled per row by a power of
+# two, ``nvfp4_q_pow2``). FP4_POW2 and the global scales are applied outside the MMAs:
+# ``scale_log2 * FP4_POW2 * k_global`` on the logits, ``FP4_POW2 * v_global`` once on the final output.
 # ---------------------------------------------------------------------------------------------
-FP4_POW2 = 128.0  # the tiles hold e2m1 * scale / FP4_POW2
-
-# FP4_DEC (constexpr) selects the nibble decoder (0 = portable Triton, 1 = the PTX decoder): constants and
-# the PTX text are shared with the prefill kernel (nvfp4_tile.py).
 
 
 @triton.jit
 def _fp4_load(P, S, byte_off, srow, ok, sd, N: tl.constexpr, D: tl.constexpr, WORDS: tl.constexpr):
     """Raw packed bytes and scale bytes of ``N`` NVFP4 rows (see ``_fp4_kv_tiles``), not decoded.
 
-    WORDS False: packed ``[N, D/16, 8]`` uint8. WORDS True: packed ``[N, D/8]`` int32 words (word w = bytes
-    4w..4w+3, little endian; needs ``sd == 1``, 4-byte aligned ``P`` and ``byte_off``: the launcher checks).
-    Scales ``[N, D/16]`` uint8 either way. Rows with ``ok == False`` are not read (zeros).
+    WORDS False: packed ``[N, D/16, 8]`` uint8 (``nvfp4_load_bytes``). WORDS True: packed ``[N, D/8]`` int32
+    words (word w = bytes 4w..4w+3, little endian; needs ``sd == 1``, 4-byte aligned ``P`` and ``byte_off``:
+    the launcher checks). Scales ``[N, D/16]`` uint8 either way. Rows with ``ok == False`` are not read (zeros).
     """
-    C: tl.constexpr = D // 16
-    CP: tl.constexpr = (C + 3) // 4 * 4
-    cc = tl.arange(0, C)
     if WORDS:
         wp = P.to(tl.pointer_type(tl.int32))
         byte = tl.load(wp + (byte_off // 4)[:, None] + tl.arange(0, D // 8)[None, :], mask=ok[:, None], other=0)
+        return byte, nvfp4_scale_bytes(S, srow, ok, D // 16)
     else:
-        col = cc[:, None] * 8 + tl.arange(0, 8)[None, :]  # [C, 8] byte index: 8 bytes per 16-element block
-        byte = tl.load(P + byte_off[:, None, None] + col[None, :, :] * sd, mask=ok[:, None, None], other=0)
-    sb = tl.load(S + nvfp4_scale_offset(srow[:, None], cc[None, :], CP), mask=ok[:, None], other=0)
-    return byte, sb
+        return nvfp4_load_bytes(P, S, byte_off, srow, ok, sd, D)
 
 
 @triton.jit
@@ -385,11 +387,10 @@ def _nvfp4_q(Q, t_row, heads, row_ok, sq_t, sq_h, sq_d, D: tl.constexpr, Q_RESCA
              OPAQUE: tl.constexpr):
     """q's even / odd column halves as fp16 ``[BLOCK_M, D/2]`` and a per-row logit factor.
 
-    Q_RESCALE (bf16 / fp8 q): each row is scaled by ``2^(14 - e)``, ``e = floor(log2(max |q_row|))`` clamped
-    to [-110, 127], so it is exact in fp16 and cannot overflow; the factor ``2^(e - 14)`` undoes it on the
-    logits. (For fp8 q the conversion alone would be exact; the row reduction also keeps Triton from
-    re-reading the fp8 q tile from shared memory and converting it again on every KV tile.) fp16 q: as is,
-    factor 1.
+    Q_RESCALE (bf16 / fp8 q): each row is scaled by ``nvfp4_q_pow2`` of its largest magnitude, so it is exact
+    in fp16 and cannot overflow; the returned factor undoes it on the logits. (For fp8 q the conversion alone
+    would be exact; the row reduction also keeps Triton from re-reading the fp8 q tile from shared memory and
+    converting it again on every KV tile.) fp16 q: as is, factor 1.
     """
     offs_h = tl.arange(0, D // 2)
     q_ptr = Q + t_row[:, None] * sq_t + heads[:, None].to(tl.int64) * sq_h
@@ -398,11 +399,7 @@ def _nvfp4_q(Q, t_row, heads, row_ok, sq_t, sq_h, sq_d, D: tl.constexpr, Q_RESCA
     if Q_RESCALE:
         q_ev = q_ev.to(tl.float32)
         q_od = q_od.to(tl.float32)
-        amax = tl.maximum(tl.max(tl.abs(q_ev), 1), tl.max(tl.abs(q_od), 1))
-        e = ((amax.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
-        e = tl.minimum(tl.maximum(e, -110), 127)
-        up = ((141 - e) << 23).to(tl.float32, bitcast=True)  # 2^(14 - e)
-        down = ((113 + e) << 23).to(tl.float32, bitcast=True)  # 2^(e - 14)
+        up, down = nvfp4_q_pow2(tl.maximum(tl.max(tl.abs(q_ev), 1), tl.max(tl.abs(q_od), 1)))
         q_ev = (q_ev * up[:, None]).to(tl.float16)
         q_od = (q_od * up[:, None]).to(tl.float16)
         if OPAQUE:
@@ -495,13 +492,13 @@ def msa_decode_kernel(
                     mask=row_ok[:, None], other=0.0).to(CDT)
     else:
         # NVFP4: even / odd halves of q (columns 2k / 2k+1) against the even / odd K tiles; the logit
-        # scale absorbs the tiles' 2^-7 and k_global (read on the device); v_global and the V tiles'
-        # 2^-7 are applied to the output once (_nvfp4_out_mul)
+        # scale absorbs the tiles' 1 / FP4_POW2 and k_global (read on the device); v_global and the V tiles'
+        # 1 / FP4_POW2 are applied to the output once (_nvfp4_out_mul)
         gl_assert: tl.constexpr = LAYOUT == 0 and not HAS_SINK
         tl.static_assert(gl_assert, "NVFP4 K/V: paged HND layout without sink only")
         q, q_od, q_back = _nvfp4_q(Q, t_row, heads, row_ok, sq_t, sq_h, sq_d, D, Q.dtype.element_ty != tl.float16,
                                    FP4_DEC == 1 and Q.dtype.element_ty == tl.float8e4nv)
-        qk_log2 = scale_log2 * 128.0  # FP4_POW2
+        qk_log2 = scale_log2 * FP4_POW2
         if HAS_KG:
             qk_log2 = qk_log2 * tl.load(KGS).to(tl.float32)
         qk_row = q_back * qk_log2  # [BLOCK_M]
@@ -689,11 +686,11 @@ def msa_decode_kernel(
 
 @triton.jit
 def _nvfp4_out_mul(VGS, HAS_VG: tl.constexpr):
-    """Output factor of the NVFP4 path: the V tiles' 2^7 (FP4_POW2) times v_global (element 0, on the device)."""
+    """Output factor of the NVFP4 path: the V tiles' FP4_POW2 times v_global (element 0, on the device)."""
     if HAS_VG:
-        return tl.load(VGS).to(tl.float32) * 128.0
+        return tl.load(VGS).to(tl.float32) * FP4_POW2
     else:
-        return 128.0
+        return FP4_POW2
 
 
 @triton.jit
@@ -758,7 +755,6 @@ def _nvfp4_epilogue(acc, acc_od, m_i, l_i, q, OUT, LSE, OPART, MLPART, COUNTER, 
 
 
 _CDT = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float8_e4m3fn: tl.float16}
-LOG2E = 1.4426950408889634
 
 KV_NATIVE = 0
 KV_NVFP4 = 1
@@ -964,8 +960,8 @@ def aot_configs(arch: int, full: bool = False):
         big = p.BLOCK_M == m_max and not p.dense
         nq = _AOT_NVFP4_Q if (full or big) else (torch.bfloat16,)
         jobs += [(key, p, qd, torch.uint8, dec, FP4_PF_GPU_DEFAULT) for qd in nq for dec in decs]
-        # the other packed-byte access modes (MSA_DECODE_FP4_PF): every class with ``full``, else bf16 q on
-        # the sparse class of the largest BLOCK_M
+        # the other packed-byte access modes (``tuning.override(decode_fp4_prefetch=...)``): every class with
+        # ``full``, else bf16 q on the sparse class of the largest BLOCK_M
         pfs = [m for m in (0, 1, 2) if m != FP4_PF_GPU_DEFAULT] if (full or big) else []
         jobs += [(key, p, torch.bfloat16, torch.uint8, dec, m) for m in pfs for dec in decs]
     out = []

@@ -29,7 +29,6 @@ from ._registry import add_op_namespace_prefix
 from ._validate import check_devices, check_host_index, check_tensor
 
 # Names other modules still import from here (their owners move them to ``_common`` / ``nvfp4_tile``).
-from ._common import round_up as _round_up  # noqa: E402,F401  (decode.py)
 from .nvfp4_tile import e2m1_code_to_f32 as _e2m1_code_to_f32, e4m3_code_to_f32 as _e4m3_code_to_f32  # noqa: F401
 
 __all__ = [

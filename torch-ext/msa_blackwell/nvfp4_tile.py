@@ -65,12 +65,12 @@ def nvfp4_tile(P, S, byte_off, srow, ok, sd, N: tl.constexpr, D: tl.constexpr, C
 
 
 # ---------------------------------------------------------------------------------------------------
-# fp16 tiles scaled by 2^-7 (shared by the prefill kernel; the decode kernel holds the same helpers and
-# can import these instead). A tile element is ``e2m1 * E4M3scale * 2^-7``, exact in fp16: the E2M1
-# nibble is placed bit-wise into an fp16 (``mag << 9 | sign << 15`` is the fp16 ``e2m1 * 2^-14``,
-# subnormal for 0.5) and multiplied once by ``scale * 2^7`` (<= 448 * 2^7 < 65504); the product has at
-# most 5 significant bits and lies in [2^-17, 21] (fp16 subnormals reach 2^-24): exact. The kernels put
-# the 2^7 (``FP4_POW2``) back outside the MMAs (logit scale / final output).
+# fp16 tiles scaled by 2^-7 (the decode kernel and the prefill kernel's fp16-tile decoders). A tile element
+# is ``e2m1 * E4M3scale * 2^-7``, exact in fp16: the E2M1 nibble is placed bit-wise into an fp16
+# (``mag << 9 | sign << 15`` is the fp16 ``e2m1 * 2^-14``, subnormal for 0.5) and multiplied once by
+# ``scale * 2^7`` (<= 448 * 2^7 < 65504); the product has at most 5 significant bits and lies in
+# [2^-17, 21] (fp16 subnormals reach 2^-24): exact. The kernels put the 2^7 (``FP4_POW2``) back outside
+# the MMAs (logit scale / final output).
 # ---------------------------------------------------------------------------------------------------
 FP4_POW2 = tl.constexpr(128.0)  # the fp16 tiles hold e2m1 * scale / FP4_POW2 (.value: the float)
 
@@ -131,19 +131,33 @@ def e4m3_times_128_f16(code):
 
 
 @triton.jit
+def nvfp4_scale_bytes(S, srow, ok, C: tl.constexpr):
+    """E4M3 scale bytes ``[N, C]`` (uint8) of ``N`` rows: ``srow [N]`` int64 logical scale rows of the 128x4
+    layout ``S``. Rows with ``ok == False`` are not read and come back as 0."""
+    CP: tl.constexpr = (C + 3) // 4 * 4
+    cc = tl.arange(0, C)
+    return tl.load(S + nvfp4_scale_offset(srow[:, None], cc[None, :], CP), mask=ok[:, None], other=0)
+
+
+@triton.jit
+def nvfp4_load_bytes(P, S, byte_off, srow, ok, sd, D: tl.constexpr):
+    """Packed bytes ``[N, D/16, 8]`` (uint8; entry ``[n, c, j]`` = byte ``8c + j`` of row ``n``) and scale bytes
+    ``[N, D/16]`` of ``N`` NVFP4 rows, not decoded. Arguments as ``nvfp4_tile``."""
+    C: tl.constexpr = D // 16
+    col = tl.arange(0, C)[:, None] * 8 + tl.arange(0, 8)[None, :]  # [C, 8] byte index: 8 bytes per 16-element block
+    byte = tl.load(P + byte_off[:, None, None] + col[None, :, :] * sd, mask=ok[:, None, None], other=0)
+    return byte, nvfp4_scale_bytes(S, srow, ok, C)
+
+
+@triton.jit
 def nvfp4_tiles_f16(P, S, byte_off, srow, ok, sd, N: tl.constexpr, D: tl.constexpr, FP4_DEC: tl.constexpr):
     """Even / odd NVFP4 tiles ``[N, D/16, 8]`` fp16 of ``N`` rows, holding ``e2m1 * E4M3scale / FP4_POW2``.
 
     Arguments as ``nvfp4_tile``. Entry ``[n, c, j]`` of the even (odd) tile is element ``16c + 2j``
     (``16c + 2j + 1``) of row ``n``. Rows with ``ok == False`` are not read and come back as 0.
     """
-    C: tl.constexpr = D // 16
-    CP: tl.constexpr = (C + 3) // 4 * 4
-    cc = tl.arange(0, C)
-    col = cc[:, None] * 8 + tl.arange(0, 8)[None, :]  # [C, 8] byte index: 8 bytes per 16-element block
-    byte = tl.load(P + byte_off[:, None, None] + col[None, :, :] * sd, mask=ok[:, None, None], other=0)
-    sb = tl.load(S + nvfp4_scale_offset(srow[:, None], cc[None, :], CP), mask=ok[:, None], other=0)
-    return nvfp4_decode_bytes_f16(byte, sb, N, C, FP4_DEC)
+    byte, sb = nvfp4_load_bytes(P, S, byte_off, srow, ok, sd, D)
+    return nvfp4_decode_bytes_f16(byte, sb, N, D // 16, FP4_DEC)
 
 
 @triton.jit
@@ -187,11 +201,18 @@ def nvfp4_q_f16(q, RESCALE: tl.constexpr):
     """
     if RESCALE:
         qf = q.to(tl.float32)
-        amax = tl.max(tl.abs(qf), 1)
-        e = ((amax.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
-        e = tl.minimum(tl.maximum(e, -110), 127)
-        up = ((141 - e) << 23).to(tl.float32, bitcast=True)  # 2^(14 - e)
-        down = ((113 + e) << 23).to(tl.float32, bitcast=True)  # 2^(e - 14)
+        up, down = nvfp4_q_pow2(tl.max(tl.abs(qf), 1))
         return (qf * up[:, None]).to(tl.float16), down
     else:
         return q.to(tl.float16), tl.full([q.shape[0]], 1.0, tl.float32)
+
+
+@triton.jit
+def nvfp4_q_pow2(amax):
+    """``(2^(14 - e), 2^(e - 14))`` fp32 of fp32 row maxima ``amax``, ``e = floor(log2(amax))`` clamped to
+    [-110, 127]: the per-row power of two that puts a q row into fp16 exactly (``nvfp4_q_f16``) and its inverse."""
+    e = ((amax.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
+    e = tl.minimum(tl.maximum(e, -110), 127)
+    up = ((141 - e) << 23).to(tl.float32, bitcast=True)  # 2^(14 - e)
+    down = ((113 + e) << 23).to(tl.float32, bitcast=True)  # 2^(e - 14)
+    return up, down

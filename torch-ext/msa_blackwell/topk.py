@@ -1,4 +1,4 @@
-"""Top-k block selection from block scores (API.md §6.3, §6.4, §11.3).
+"""Top-k block selection from block scores (docs/API.md §6.3, §6.4, §11.3).
 
 ``native_topk_from_scores`` runs the compiled CUDA op when the build has it and the tensors are on a CUDA
 device; otherwise (CPU tensors, source-tree mode) it runs a vectorised PyTorch implementation that gives
@@ -8,12 +8,12 @@ identical results. Neither path synchronises with the host, so both are CUDA-gra
 
 import torch
 
+from ._common import MAX_TOPK
 from ._registry import add_op_namespace_prefix, native_op
 from ._validate import check_positive_int, check_tensor
 
 __all__ = ["has_native_ops", "native_topk_from_scores", "topk_from_scores_torch"]
 
-MAX_TOPK = 64
 _INT_CAP = 2**31
 
 _TOPK_OP = native_op("msa_topk_from_scores")
@@ -101,7 +101,7 @@ _KEY_CLASS = 2**32  # topk_from_scores_torch keys: class * 2**32 + 32-bit order-
 
 def topk_from_scores_torch(score: torch.Tensor, seq_lens: torch.Tensor, block_size: int, topk: int,
                            force_local_blocks: int = 0, *, force_init_blocks: int = 0) -> torch.Tensor:
-    """Pure PyTorch implementation of §11.3 (+ forced init / local blocks); no validation, no host sync.
+    """Pure PyTorch implementation of docs/API.md §11.3 (+ forced init / local blocks); no checks, no host sync.
 
     score: fp32 [H, B, NB]; seq_lens: int32 [B]. Returns int32 [H, B, topk], contiguous, identical to the CUDA
     op: forced init blocks ``j < min(force_init_blocks, n)`` that are not local (ascending id), forced local
@@ -144,7 +144,7 @@ def topk_from_scores_torch(score: torch.Tensor, seq_lens: torch.Tensor, block_si
 
 def native_topk_from_scores(score: torch.Tensor, seq_lens: torch.Tensor, block_size: int, topk: int, *,
                             force_local_blocks: int = 0, force_init_blocks: int = 0) -> torch.Tensor:
-    """Best valid blocks per (h, b) row (API.md §6.3 / §11.3).
+    """Best valid blocks per (h, b) row (docs/API.md §6.3 / §11.3).
 
     Args:
         score: fp32 [H, B, NB], any strides (a contiguous copy is made if needed).
@@ -155,8 +155,8 @@ def native_topk_from_scores(score: torch.Tensor, seq_lens: torch.Tensor, block_s
         force_local_blocks: m >= 0 (keyword-only). The last ``min(m, n)`` blocks ``[n - m, n)`` are always
             selected, whatever their score, and ranked in ascending id right after the init blocks.
         force_init_blocks: i >= 0 (keyword-only). The first blocks ``j < min(i, n)`` that are not local are
-            always selected, whatever their score, and ranked first in ascending id (the §11.2 decode rule
-            ``init + local + rest``).
+            always selected, whatever their score, and ranked first in ascending id (the decode rule
+            ``init + local + rest`` of docs/API.md §11.2).
 
     Returns:
         int32 [H, B, topk], contiguous: the forced init blocks, then the forced local blocks, then the

@@ -13,9 +13,10 @@ choice sets it for a block of code::
 Overrides nest (an inner ``override`` keeps the outer values it does not set), are restored when the
 block exits (also on an exception), and are local to the thread / ``asyncio`` task (``contextvars``).
 They are read when a kernel is launched, so a CUDA graph captured inside the block keeps the choice
-of the capture. The eager fast path of the decode wrapper caches compiled kernels per call
-signature: change a decode override only between distinct signatures (or clear that cache), as
-the benchmarks do by running every variant in a fresh process or on fresh tensors.
+of the capture. Launch plans are cached per override (a plan made inside a block is never used outside
+it); the eager fast paths of the decode functions are skipped inside a block. A
+``SparseDecodePagedAttentionWrapper`` sizes its workspaces in ``plan``: plan it inside the same block as
+its ``run`` calls.
 
 Fields (``None`` = the table's choice; see docs/API.md §9):
 
@@ -30,6 +31,14 @@ Fields (``None`` = the table's choice; see docs/API.md §9):
 ``csr_chunk_entries``
     Entries (tokens x next_pow2(topK)) per chunk of the GPU CSR builder (default 1024); not used under
     the interpreter.
+``decode``, ``decode_nvfp4``
+    Changes to the decode launch-table entry (``decode_kernel.DecodeConfig``: tiles, warps, stages, split
+    policy) for element K/V and for packed NVFP4 K/V launches: a ``DecodeConfig`` (every field) or a dict of
+    fields, e.g. ``dict(num_stages=2, block_n={128: 128})`` (per-head-dim fields take a dict of the head dims
+    to change). ``decode_nvfp4`` applies on top of the table's NVFP4 entry.
+``decode_scores``
+    Changes to the decode-indexer block-score table entry (``indexer_kernel.DecodeScoreConfig``: tokens per
+    tile ``tn`` per head dim, warps, stages, programs per SM, tiles per program), same forms.
 ``decode_fp4_decoder``
     NVFP4 nibble decoder of the decode kernel on a GPU: 0 portable, 1 inline PTX (default).
 ``decode_fp4_prefetch``
@@ -42,7 +51,7 @@ import contextvars
 import dataclasses
 from typing import Any, Optional
 
-__all__ = ["Overrides", "current", "override"]
+__all__ = ["Overrides", "active", "current", "override"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,6 +64,9 @@ class Overrides:
     csr_chunk_entries: Optional[int] = None
     decode_fp4_decoder: Optional[int] = None
     decode_fp4_prefetch: Optional[int] = None
+    decode: Optional[tuple] = None  # DecodeConfig.changes(...) form: ((field, value), ...)
+    decode_nvfp4: Optional[tuple] = None
+    decode_scores: Optional[tuple] = None  # DecodeScoreConfig.changes(...) form
 
 
 _NONE = Overrides()
@@ -66,6 +78,11 @@ def current() -> Overrides:
     return _CURRENT.get()
 
 
+def active() -> bool:
+    """True inside an ``override`` block (the decode functions then skip their eager fast paths)."""
+    return _CURRENT.get() is not _NONE
+
+
 def _choice(name: str, value, allowed):
     if isinstance(value, bool) or not isinstance(value, int) or value not in allowed:
         raise ValueError(f"tuning.override: {name} must be one of {tuple(allowed)}, got {value!r}")
@@ -75,11 +92,14 @@ def _choice(name: str, value, allowed):
 @contextlib.contextmanager
 def override(*, prefill=None, prefill_nvfp4=None, prefill_fp4_decoder: Optional[int] = None,
              csr_chunk_entries: Optional[int] = None, decode_fp4_decoder: Optional[int] = None,
-             decode_fp4_prefetch: Optional[int] = None):
+             decode_fp4_prefetch: Optional[int] = None, decode=None, decode_nvfp4=None, decode_scores=None):
     """Context manager: use the given launch choices inside the block (arguments left ``None`` keep the
     enclosing choice). Values are checked on entry (``ValueError`` / ``TypeError``). Yields the active
     ``Overrides``."""
-    from .prefill_kernel import PrefillConfig  # the kernel module owns the config type (no import cycle)
+    # the kernel modules own the config types (imported here: no import cycle)
+    from .decode_kernel import DecodeConfig
+    from .indexer_kernel import DecodeScoreConfig
+    from .prefill_kernel import PrefillConfig
 
     new = {}
     if prefill is not None:
@@ -96,6 +116,10 @@ def override(*, prefill=None, prefill_nvfp4=None, prefill_fp4_decoder: Optional[
         new["decode_fp4_decoder"] = _choice("decode_fp4_decoder", decode_fp4_decoder, (0, 1))
     if decode_fp4_prefetch is not None:
         new["decode_fp4_prefetch"] = _choice("decode_fp4_prefetch", decode_fp4_prefetch, (0, 1, 2))
+    for name, value, cls in (("decode", decode, DecodeConfig), ("decode_nvfp4", decode_nvfp4, DecodeConfig),
+                             ("decode_scores", decode_scores, DecodeScoreConfig)):
+        if value is not None:
+            new[name] = cls.changes(name, value)
     token = _CURRENT.set(dataclasses.replace(_CURRENT.get(), **new))
     try:
         yield _CURRENT.get()

@@ -18,9 +18,9 @@ construction, tolerance 2e-2).
 
 Env (read by this benchmark only): ``MSA_BENCH_SIZES`` (default ``32768``);
 ``MSA_BENCH_NVFP4_SWEEP="8,64,8,3;8,32,8,2"`` adds one ``nvfp4 bf16Q`` row per listed tile config
-``bmt,bns,warps,stages[,list]`` (timed inside ``msa.tuning.override(prefill_nvfp4=cfg)``). ``run(msa, timing)`` is the entry point
-(``python benchmarks/benchmark.py --sections nvfp4_attn``); ``python benchmarks/bench_nvfp4_attention.py``
-runs it standalone on the source tree.
+``bmt,bns,warps,stages[,list]`` (timed inside ``msa.tuning.override(prefill_nvfp4=cfg)``). ``run(msa, timing)``
+is the entry point (``python benchmarks/benchmark.py --sections prefill_nvfp4``);
+``python benchmarks/bench_prefill_nvfp4.py`` runs it standalone on the source tree.
 """
 
 import contextlib
@@ -107,7 +107,7 @@ def run(msa, timing):
                 except Exception as e:  # noqa: BLE001 - report and continue
                     print(f"{layout} {name}: {type(e).__name__}: {str(e)[:200]}", flush=True)
             for name, t, kvb, err in variants:
-                rows.append({"bench": "nvfp4_attn", "S": S, "layout": layout, "variant": name, "us": t,
+                rows.append({"bench": "prefill_nvfp4", "S": S, "layout": layout, "variant": name, "us": t,
                              "sparse_tflops": flops / (t * 1e-6) / 1e12, "x_bf16": t / t_bf16,
                              "KV MB": kvb / 1e6, "max|d|": err})
             del sets, ref

@@ -1,6 +1,7 @@
-"""Decode block selection (indexer + top-k) of MiniMax-M3 against a torch baseline (GPU only).
+"""Decode indexer (block scores + top-k selection) of MiniMax-M3 against a torch baseline (GPU only).
 
-``run(msa, timing) -> list[dict]``. M3 decode indexer shapes (API.md §4, §6.1): index queries
+``run(msa, timing) -> list[dict]`` (``python benchmarks/benchmark.py --sections indexer``). M3 decode indexer
+shapes (docs/API.md §4, §6.1): index queries
 ``q [B, 4, 128]`` bf16, a one-head index-key cache ``k_cache [max_slots, 1, 128]`` bf16 (token-major,
 128-token pages in shuffled order through ``req_to_token``), ``block_size 128``, ``topk 16``,
 ``init_blocks 0``, ``local_blocks 1``, ``score_type "max"``, ``disable_index_value=True``; every request

@@ -1,4 +1,4 @@
-"""sparse_atten_nvfp4_kv_func (API.md §5.13): the fused NVFP4-K/V prefill kernel.
+"""sparse_atten_nvfp4_kv_func (docs/API.md §5.13): the fused NVFP4-K/V prefill kernel.
 
 Every case is checked twice:
 
