@@ -46,11 +46,11 @@ for b, ctx in ((1, 32768), (32, 131072)):
     for name, fn in (("full", full), ("score", score), ("topk", topk)):
         g = timing.bench_graph(fn, sets)
         print(f"B={b} ctx={ctx} {name}: {g:.2f} us graph, {100 * read / (g * 1e-6) / copy_bw:.1f}% copy", flush=True)
-    for tn in (64, 128):
-        for pps in (2, 4, 8):
-            for tpp in (4, 16, 64, 256):
-                for ns in (2, 3, 4):
-                    for nw in (4, 8):
+    for tn in (128,):
+        for pps in (4, 8):
+            for tpp in (16, 64, 256):
+                for ns in (2, 3):
+                    for nw in (4,):
                         cfg = dict(tn={128: tn}, progs_per_sm=pps, max_tpp=tpp, num_stages=ns, num_warps=nw)
                         try:
                             with msa.tuning.override(decode_scores=cfg):
