@@ -649,6 +649,8 @@ COMPILED_PUBLIC = {
     "SparseK2qCsrBuilderSm100": "test_compile_build_k2q_csr_and_prefill",
     "fp4_indexer_block_scores": "test_compile_fp4_indexer_block_scores",
     "flash_decode_with_topk_idx": "test_compile_flash_decode_with_topk_idx",
+    # the public block scores run the decode_block_scores op that test compiles (fullgraph, no graph break)
+    "decode_block_scores": "test_compile_flash_decode_with_topk_idx",
     "native_topk_from_scores": "test_compile_native_topk_from_scores",
     "quantize_bf16_to_nvfp4_128x4": "test_compile_nvfp4_quantize_and_dequantize",
     "quantize_kv_bf16_to_nvfp4_128x4": "test_compile_nvfp4_quantize_and_dequantize",
