@@ -207,21 +207,27 @@ def _table_eager(msa, timing, k_hnd, v_hnd, kc, vc):
     return rows
 
 
+def indexer_case(timing, b, ctx, dev):
+    """Decode-indexer inputs (4 index-Q heads, 1 key head): ``(index-K cache, req_to_token, seq_lens, input sets
+    [(q, slot_ids)], bytes read per call)``; pages shuffled, enough sets to rotate past the L2."""
+    read = b * ctx * (D * 2 + 4)
+    n_sets = timing.num_sets(read, minimum=2, maximum=16)
+    pages = ctx // BS
+    n_req = n_sets * b
+    ik = torch.randn(n_req * ctx, 1, D, device=dev, dtype=torch.bfloat16)
+    perm = torch.randperm(n_req * pages, device=dev).view(n_req, pages)
+    r2t = (perm.unsqueeze(-1) * BS + torch.arange(BS, device=dev)).view(n_req, ctx).to(torch.int32)
+    sl = torch.full((b,), ctx, device=dev, dtype=torch.int32)
+    sets = [(torch.randn(b, 4, D, device=dev, dtype=torch.bfloat16),
+             torch.arange(s * b, (s + 1) * b, device=dev, dtype=torch.int32)) for s in range(n_sets)]
+    return ik, r2t, sl, sets, read
+
+
 def _table_indexer(msa, timing, copy_bw):
     dev = torch.device("cuda")
     rows = []
     for b, ctx in ((1, 32768), (32, 131072)):
-        read = b * ctx * (D * 2 + 4)
-        n_sets = timing.num_sets(read, minimum=2, maximum=16)
-        pages = ctx // BS
-        n_req = n_sets * b
-        ik = torch.randn(n_req * ctx, 1, D, device=dev, dtype=torch.bfloat16)
-        perm = torch.randperm(n_req * pages, device=dev).view(n_req, pages)
-        r2t = (perm.unsqueeze(-1) * BS + torch.arange(BS, device=dev)).view(n_req, ctx).to(torch.int32)
-        sl = torch.full((b,), ctx, device=dev, dtype=torch.int32)
-        sets = [(torch.randn(b, 4, D, device=dev, dtype=torch.bfloat16), torch.arange(s * b, (s + 1) * b, device=dev,
-                                                                                      dtype=torch.int32))
-                for s in range(n_sets)]
+        ik, r2t, sl, sets, read = indexer_case(timing, b, ctx, dev)
 
         def full(q, sid, init=1):
             return msa.flash_decode_with_topk_idx(q, None, ik, None, r2t, sl, ctx, sid, BS, TOPK, init, 2,

@@ -39,19 +39,10 @@ dk.DECODE_CONFIGS[major] = base_dec
 dk.make_plan.cache_clear()
 dec._SIG.clear()
 for b, ctx in ((1, 32768), (32, 131072)):
-    BS, D = 128, 128
-    n_sets = 16 if b == 1 else 2
-    pages = ctx // BS
-    n_req = n_sets * b
-    ik = torch.randn(n_req * ctx, 1, D, device=dev, dtype=torch.bfloat16)
-    perm = torch.randperm(n_req * pages, device=dev).view(n_req, pages)
-    r2t = (perm.unsqueeze(-1) * BS + torch.arange(BS, device=dev)).view(n_req, ctx).to(torch.int32)
-    sl = torch.full((b,), ctx, device=dev, dtype=torch.int32)
-    isets = [(torch.randn(b, 4, D, device=dev, dtype=torch.bfloat16),
-              torch.arange(s * b, (s + 1) * b, device=dev, dtype=torch.int32)) for s in range(n_sets)]
+    ik, r2t, sl, isets, _ = br.indexer_case(timing, b, ctx, dev)
 
     def full(q, sid):
-        return msa.flash_decode_with_topk_idx(q, None, ik, None, r2t, sl, ctx, sid, BS, 16, 1, 2,
+        return msa.flash_decode_with_topk_idx(q, None, ik, None, r2t, sl, ctx, sid, br.BS, br.TOPK, 1, 2,
                                               disable_index_value=True)[1]
     for pdl in (False, True, False, True):
         ix.DECODE_SCORE_CONFIGS[major] = dict(base_sc, pdl=pdl)

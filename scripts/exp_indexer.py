@@ -6,6 +6,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+import bench_runtime  # noqa: E402
 import timing  # noqa: E402
 from benchmark import load_package  # noqa: E402
 
@@ -16,22 +17,8 @@ copy_bw = timing.measure_copy_bandwidth()
 print(timing.device_name(), f"copy {copy_bw / 1e12:.2f} TB/s")
 
 
-def case(b, ctx):
-    read = b * ctx * (D * 2 + 4)
-    n_sets = timing.num_sets(read, minimum=2, maximum=16)
-    pages = ctx // BS
-    n_req = n_sets * b
-    ik = torch.randn(n_req * ctx, 1, D, device=dev, dtype=torch.bfloat16)
-    perm = torch.randperm(n_req * pages, device=dev).view(n_req, pages)
-    r2t = (perm.unsqueeze(-1) * BS + torch.arange(BS, device=dev)).view(n_req, ctx).to(torch.int32)
-    sl = torch.full((b,), ctx, device=dev, dtype=torch.int32)
-    sets = [(torch.randn(b, 4, D, device=dev, dtype=torch.bfloat16),
-             torch.arange(s * b, (s + 1) * b, device=dev, dtype=torch.int32)) for s in range(n_sets)]
-    return ik, r2t, sl, sets, read
-
-
 for b, ctx in ((1, 32768), (32, 131072)):
-    ik, r2t, sl, sets, read = case(b, ctx)
+    ik, r2t, sl, sets, read = bench_runtime.indexer_case(timing, b, ctx, dev)
     NB = ctx // BS
     scale = D ** -0.5
 
