@@ -22,8 +22,8 @@ import os
 import pytest
 import torch
 
-from .helpers import (HAS_CUDA, assert_bitwise_equal, assert_close_attn, assert_lse_close, capture_cuda_graph, msa,
-                      poison_like, random_index_row)
+from .helpers import (GRAPH_STEPS as STEPS, HAS_CUDA, assert_bitwise_equal, assert_close_attn, assert_lse_close,
+                      capture_cuda_graph, msa, poison_like, random_index_row, replay_steps)
 from .reference import paged_decode_ref, token_major_decode_ref
 from .test_indexer import _decode_ref_scores, _ref_select
 from .test_prefill import BF16_ATOL, check as prefill_check, make_inputs as prefill_inputs, random_q2k, to_paged
@@ -31,11 +31,11 @@ from .test_prefill import BF16_ATOL, check as prefill_check, make_inputs as pref
 pytestmark = [pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device"), pytest.mark.gpu, pytest.mark.sanitize]
 
 ix_mod = importlib.import_module(msa.__name__ + ".indexer")
+tuning = importlib.import_module(msa.__name__ + ".tuning")
 DEV = "cuda"
 BF16 = torch.bfloat16
 BS = 128  # official page / block size
 D = 128
-STEPS = int(os.environ.get("MSA_GRAPH_STEPS", "4"))  # replays per test (scripts/sanitize.sh uses fewer)
 
 
 def _adversarial_rows(rows, nbs, topk, gen):
@@ -58,20 +58,6 @@ def _adversarial_rows(rows, nbs, topk, gen):
             row = random_index_row(nb, topk, "messy")
         rows[r] = row
     return rows
-
-
-def replay_steps(graph, outs, refill, check, eager):
-    """STEPS times: new metadata (``refill(step)``), poisoned outputs, replay, ``check(what)`` against float64,
-    and the outputs bit for bit against ``eager()`` (the same kernels and launch policy, run eagerly)."""
-    for step in range(1, STEPS + 1):
-        refill(step)
-        for t in outs:
-            poison_like(t)
-        graph.replay()
-        torch.cuda.synchronize()
-        what = f"replay {step}"
-        check(what)
-        assert_bitwise_equal(tuple(outs), tuple(eager()), f"{what} vs eager")
 
 
 def _lengths(b, cap, gen):
@@ -368,6 +354,24 @@ def test_graph_indexer_then_decode(init_blocks, local_blocks, score_type, with_v
                                               torch.arange(nbw, dtype=torch.int32).view(1, 1, -1).expand(1, b, nbw),
                                               scale=scale)
             assert_close_attn(o_idx, o_ref, what=f"{what} index value")
+
+
+PDL_ON = dict(decode=dict(pdl=1), decode_nvfp4=dict(pdl=1), decode_scores=dict(pdl=1))
+
+
+@pytest.mark.parametrize("case", ["paged_split", "paged_nvfp4", "token_major", "indexer_then_decode"])
+def test_graph_with_programmatic_dependent_launch(case):
+    """The decode and block-score kernels launched with programmatic dependent launch (``pdl=1`` in their launch
+    tables): captured, replayed with new metadata, checked against float64 and eager exactly as above."""
+    with tuning.override(**PDL_ON):
+        if case == "paged_split":
+            test_graph_sparse_decode_atten_func(*PAGED_CASES[1].values, "bf16", True)
+        elif case == "paged_nvfp4":
+            test_graph_sparse_decode_atten_func(*PAGED_CASES[2].values, "nvfp4", True)
+        elif case == "token_major":
+            test_graph_flash_decode_with_gqa_share_sparse(1, 1, 32, 128, 16, 16, 4000, torch.int32, True)
+        else:
+            test_graph_indexer_then_decode(0, 1, "max", False)
 
 
 # ------------------------------------------------------------------------------------------------

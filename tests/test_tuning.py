@@ -15,6 +15,7 @@ pk = importlib.import_module(msa.__name__ + ".prefill_kernel")
 dk = importlib.import_module(msa.__name__ + ".decode_kernel")
 ck = importlib.import_module(msa.__name__ + ".csr_kernel")
 ixk = importlib.import_module(msa.__name__ + ".indexer_kernel")
+launch = importlib.import_module(msa.__name__ + "._launch")
 
 
 @pytest.mark.kernels_ci
@@ -108,6 +109,13 @@ def test_table_overrides_change_fields():
             p2 = dk.make_plan(cpu, nvfp4=True, **shape)
             assert (p2.BLOCK_N, p2.num_warps, p2.num_stages, p2.BLOCK_M) == (128, 8, 2, 16)
     assert dk.make_plan(cpu, **shape) is p0 and p0.num_splits > 1
+    with tuning.override(decode=dict(pdl=1), decode_scores=dict(pdl=1)) as ov:  # no PDL without an sm_90+ GPU
+        assert dk.device_config(cpu, changes=ov.decode)[0].pdl == 1
+        assert dk.make_plan(cpu, **shape).pdl is False
+        assert launch.use_pdl(1, None) is False and launch.use_pdl(0, 9) is False
+    with pytest.raises(ValueError, match="pdl"):
+        with tuning.override(decode=dict(pdl=-1)):
+            pass
     with tuning.override(decode_scores=dict(tn={64: 16}, max_tpp=2)) as ov:
         cfg = ixk.decode_score_config(None).updated(ov.decode_scores)
         assert cfg.tn == {64: 16, 128: 32, 256: 32} and cfg.max_tpp == 2

@@ -29,6 +29,27 @@ _TRITON_MAJOR_MINOR = tuple(int(x) for x in triton.__version__.split(".")[:2])
 _DIRECT_OK = _knobs is not None and _TRITON_MAJOR_MINOR >= (3, 4)
 
 
+def _pdl_supported() -> bool:
+    try:
+        from triton.language.extra import cuda as _cuda
+        from triton.backends.nvidia.compiler import CUDAOptions
+    except ImportError:
+        return False
+    return hasattr(_cuda, "gdc_wait") and "launch_pdl" in getattr(CUDAOptions, "__dataclass_fields__", {})
+
+
+# Programmatic dependent launch (sm_90+): Triton's ``launch_pdl`` option plus ``tl.extra.cuda.gdc_wait`` /
+# ``gdc_launch_dependents``. A kernel launched this way may start while the previous kernel of its stream is still
+# running; it must call ``gdc_wait()`` before touching global memory.
+PDL_SUPPORTED = _pdl_supported()
+
+
+def use_pdl(flag, major) -> bool:
+    """True when a launch-table ``pdl`` flag applies on a device of compute-capability ``major`` (None: not a
+    CUDA device): sm_90 or newer, a Triton with programmatic dependent launch, not under the interpreter."""
+    return bool(flag) and PDL_SUPPORTED and major is not None and major >= 9 and not interpreter_active()
+
+
 def tensor_key(t):
     """``(dtype, shape, strides, device index)`` of a tensor, or None."""
     if t is None:
@@ -67,11 +88,12 @@ class TritonLauncher:
         self.kernel = kernel
         self.compiled = {}
 
-    def __call__(self, grid, args, *, key=None, slot=None, num_warps=4, num_stages=2, n_ptr=None):
+    def __call__(self, grid, args, *, key=None, slot=None, num_warps=4, num_stages=2, n_ptr=None, launch_pdl=False):
         """grid: tuple of 1-3 ints; args: tuple of every kernel parameter; key: hashable static signature of
         this launch, or slot: a dict owned by the caller's cache entry for such a signature (grid, warps and
         stages included), which then holds the compiled kernels; neither: always the normal Triton path.
-        n_ptr: the tensors are exactly ``args[:n_ptr]`` (None: any argument may be a tensor)."""
+        n_ptr: the tensors are exactly ``args[:n_ptr]`` (None: any argument may be a tensor). launch_pdl:
+        programmatic dependent launch (the kernel calls ``gdc_wait`` first; the key / slot must cover it)."""
         direct = (_DIRECT_OK and (key is not None or slot is not None) and args[0].is_cuda
                   and not interpreter_active())
         if direct:
@@ -99,7 +121,10 @@ class TritonLauncher:
                 except (TypeError, ValueError, AttributeError):  # launcher ABI of another Triton: argument parsing
                     _disable_direct()                            # fails before any launch; use Triton's path
                     direct = False
-        ck = self.kernel[grid](*args, num_warps=num_warps, num_stages=num_stages)
+        if launch_pdl:
+            ck = self.kernel[grid](*args, num_warps=num_warps, num_stages=num_stages, launch_pdl=True)
+        else:
+            ck = self.kernel[grid](*args, num_warps=num_warps, num_stages=num_stages)
         if direct and ck is not None and hasattr(ck, "packed_metadata"):
             if len(store) >= 512:
                 store.clear()

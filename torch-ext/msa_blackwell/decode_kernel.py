@@ -48,7 +48,7 @@ import triton.language as tl
 
 from . import tuning
 from ._common import LOG2E, TableEntry, device_info
-from ._launch import TritonLauncher
+from ._launch import TritonLauncher, use_pdl
 from .nvfp4_tile import (FP4_ASM_F16, FP4_DEC_ASM, FP4_DEC_PORTABLE, FP4_POW2, e2m1_nibbles_f16, e4m3_times_128_f16,
                          nvfp4_decode_bytes_f16, nvfp4_load_bytes, nvfp4_q_pow2, nvfp4_scale_bytes)
 
@@ -70,6 +70,8 @@ class DecodeConfig(TableEntry):
       (long dense contexts), up to ``max_splits``;
     - ``chunk_max``: tiles whose index work (ids, dedupe, page lookups) is vectorised per chunk; a sparse
       chunk also holds a ``[chunk, TOK_P2, TK_P2]`` compare of at most ``chunk_elems`` elements;
+    - ``pdl``: 1 = programmatic dependent launch (sm_90+): the kernel may be scheduled while the previous kernel
+      of its stream finishes (it waits for it before touching memory) and lets the next kernel do the same;
     - ``slot_pre_units``: token layout: the slot ids of a chunk's tiles are loaded before its tile loop (K/V
       addresses then depend on registers only) when the grid has at most this many programs per SM; above
       it, per tile (fewer registers, latency hidden by occupancy). H100, 32K, top-16, M3 shape: preload
@@ -80,7 +82,7 @@ class DecodeConfig(TableEntry):
     """
 
     PER_HEAD_DIM = ("block_n", "num_warps", "m_cap")
-    ZERO_OK = ("slot_pre_units",)
+    ZERO_OK = ("slot_pre_units", "pdl")
 
     block_n: Mapping[int, int]
     num_warps: Mapping[int, int]
@@ -94,6 +96,7 @@ class DecodeConfig(TableEntry):
     chunk_max: int = 16
     chunk_elems: int = 4096
     slot_pre_units: int = 2
+    pdl: int = 0
 
 
 _BASE = DecodeConfig(block_n={64: 64, 128: 64, 256: 32}, num_warps={64: 4, 128: 4, 256: 8},
@@ -160,7 +163,7 @@ class LaunchPlan:
 
     __slots__ = ("B", "Hkv", "G", "SQ", "D", "BS", "topk", "dense", "BLOCK_M", "BLOCK_N", "MT", "TOK_P2",
                  "TK_P2", "tiles_hint", "tiles_per_split", "num_splits", "NS_P2", "units", "num_warps", "num_stages",
-                 "chunk", "slot_pre", "grid")
+                 "chunk", "slot_pre", "pdl", "grid")
 
     def __repr__(self):
         return "LaunchPlan(" + ", ".join(f"{k}={getattr(self, k)}" for k in self.__slots__) + ")"
@@ -187,7 +190,9 @@ def make_plan(device, *, B, Hkv, G, SQ, D, BS, topk, hint_blocks, split_override
 def _cached_plan(device, changes, **kw) -> LaunchPlan:
     nvfp4 = kw.pop("nvfp4")
     cfg, sms = device_config(device, nvfp4, changes)
-    return plan_from_config(cfg, sms, **kw)
+    p = plan_from_config(cfg, sms, **kw)
+    p.pdl = use_pdl(cfg.pdl, device_info(device.type, device.index, _SM_COUNT_CPU)[0])
+    return p
 
 
 def plan_from_config(cfg, sms, *, B, Hkv, G, SQ, D, BS, topk, hint_blocks, split_override=0,
@@ -234,6 +239,7 @@ def plan_from_config(cfg, sms, *, B, Hkv, G, SQ, D, BS, topk, hint_blocks, split
     p.chunk = max(2, chunk)
     p.grid = (p.units * p.num_splits,)
     p.slot_pre = int(p.grid[0] <= cfg.slot_pre_units * sms)
+    p.pdl = bool(cfg.pdl)
     return p
 
 
@@ -450,7 +456,11 @@ def msa_decode_kernel(
     CDT: tl.constexpr,
     KV_FMT: tl.constexpr = 0, FP4_DEC: tl.constexpr = 0, HAS_KG: tl.constexpr = False,
     HAS_VG: tl.constexpr = False, FP4_PF: tl.constexpr = 0, SLOT_PRE: tl.constexpr = 0,
+    USE_GDC: tl.constexpr = False,
 ):
+    if USE_GDC:  # programmatic dependent launch: no memory access before the previous kernel has completed
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     TPB: tl.constexpr = BS // BLOCK_N
     pid = tl.program_id(0)
     split = pid % NUM_SPLITS
@@ -832,7 +842,8 @@ def launch(p: LaunchPlan, *, layout, q, k, v, idx, table, lens, slot_ids, sink, 
         slot = None
         tail = _scalar_tail(p, layout, q, k, v, idx, table, lens, slot_ids, sink, out, lse, causal, scale, write_lse,
                             nvfp4)
-    _LAUNCHER(p.grid, tensors + tail, slot=slot, num_warps=p.num_warps, num_stages=p.num_stages, n_ptr=17)
+    _LAUNCHER(p.grid, tensors + tail, slot=slot, num_warps=p.num_warps, num_stages=p.num_stages, n_ptr=17,
+              launch_pdl=p.pdl)
 
 
 def _scalar_tail(p, layout, q, k, v, idx, table, lens, slot_ids, sink, out, lse, causal, scale, write_lse, nvfp4):
@@ -860,7 +871,8 @@ def _scalar_tail(p, layout, q, k, v, idx, table, lens, slot_ids, sink, out, lse,
             p.Hkv, p.G, p.SQ, max(p.topk, 1), tshape[1], tshape[0], k.shape[0], p.MT, p.tiles_per_split,
             p.tiles_hint, float(scale) * LOG2E,
             layout, p.BS, p.D, p.BLOCK_M, p.BLOCK_N, p.TOK_P2, p.TK_P2, p.num_splits, p.NS_P2, p.chunk, dense,
-            bool(causal), sink is not None, bool(write_lse), *fmt, p.slot_pre if layout == LAYOUT_TOKEN else 0)
+            bool(causal), sink is not None, bool(write_lse), *fmt, p.slot_pre if layout == LAYOUT_TOKEN else 0,
+            p.pdl)
 
 
 _LAUNCHER = TritonLauncher(msa_decode_kernel)
@@ -990,7 +1002,7 @@ def aot_configs(arch: int, full: bool = False):
                         DENSE=p.dense, CAUSAL=causal, HAS_SINK=sink, WRITE_LSE=wlse, CDT=cdt,
                         KV_FMT=KV_NATIVE if dec is None else KV_NVFP4, FP4_DEC=dec or 0,
                         HAS_KG=dec is not None, HAS_VG=dec is not None, FP4_PF=pf,
-                        SLOT_PRE=p.slot_pre if layout == LAYOUT_TOKEN else 0)
+                        SLOT_PRE=p.slot_pre if layout == LAYOUT_TOKEN else 0, USE_GDC=p.pdl)
             kvname = torch_to_tl_name(kd) if dec is None else f"nvfp4 dec{dec} pf{pf}"
             label = (f"{'HND' if layout == LAYOUT_HND else 'TOK'} D{p.D} BS{p.BS} M{p.BLOCK_M} N{p.BLOCK_N} "
                      f"{'dense' if p.dense else f'tok{p.TOK_P2}xtk{p.TK_P2}'} S{p.num_splits} CH{p.chunk}"

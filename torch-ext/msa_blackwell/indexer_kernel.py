@@ -10,7 +10,7 @@ import triton.language as tl
 
 from . import tuning
 from ._common import TableEntry, cdiv, device_info
-from ._launch import TritonLauncher
+from ._launch import TritonLauncher, use_pdl
 
 
 @triton.jit
@@ -18,7 +18,7 @@ def _decode_block_scores_kernel(q_ptr, k_ptr, r2t_ptr, seq_ptr, slot_ptr, out_pt
                                 sqb, sqh, sqd, skt, skh, skd, srr, src, s_seq, s_slot,
                                 width, n_rows, max_slots, G, Hkv, B, NB, n_chunks, tiles_per_prog, sm_scale,
                                 D: tl.constexpr, BS: tl.constexpr, TN: tl.constexpr, GP: tl.constexpr,
-                                LSE: tl.constexpr):
+                                LSE: tl.constexpr, USE_GDC: tl.constexpr = False):
     """scores[h, b, j] = max (or logsumexp) of sm_scale*<q[b,h], k[slot(b,x), h//G]> over block j (fp32).
 
     One program per (request b, KV head g, chunk c of ``tiles_per_prog`` tiles of TN tokens). The G Q heads of
@@ -32,6 +32,9 @@ def _decode_block_scores_kernel(q_ptr, k_ptr, r2t_ptr, seq_ptr, slot_ptr, out_pt
     NBT: tl.constexpr = TN // BS if BS <= TN else 1  # blocks per tile
     TPB: tl.constexpr = BS // TN if BS > TN else 1  # tiles per block
     BT: tl.constexpr = BS if BS <= TN else TN  # tokens of one block inside a tile
+    if USE_GDC:  # programmatic dependent launch: no memory access before the previous kernel has completed
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()  # the top-k launch may be scheduled now (it waits the same way)
     pid = tl.program_id(0)
     c = pid % n_chunks
     bg = pid // n_chunks
@@ -105,17 +108,20 @@ class DecodeScoreConfig(TableEntry):
 
     ``tn``: tokens per tile by head dim (the gathered K tile ``[tn, D]``); ``num_warps``, ``num_stages``: Triton
     launch options; ``progs_per_sm``: target programs per SM when splitting a request's tiles into chunks;
-    ``max_tpp``: most tiles per program. ``tuning.override(decode_scores=...)`` changes fields of the entry a
+    ``max_tpp``: most tiles per program; ``pdl``: 1 = programmatic dependent launch (sm_90+; the native top-k
+    that follows in ``flash_decode_with_topk_idx`` is always launched that way). ``tuning.override(decode_scores=...)`` changes fields of the entry a
     launch uses.
     """
 
     PER_HEAD_DIM = ("tn",)
+    ZERO_OK = ("pdl",)
 
     tn: Mapping[int, int]
     num_warps: int = 4
     num_stages: int = 3
     progs_per_sm: int = 4
     max_tpp: int = 16
+    pdl: int = 0
 
 
 # The gathered K tile is cp.async-prefetched one tile ahead into one shared-memory buffer, the req_to_token
@@ -183,7 +189,7 @@ def _make_plan(key, changes, q, kc, req_to_token, seq_lens, slot_ids, NB, block_
     grid = (n_chunks * B * Hkv,)
     args = (*q.stride(), *kc.stride(), *req_to_token.stride(), seq_lens.stride(0), slot_ids.stride(0), width,
             n_req_rows, max_slots, G, Hkv, B, NB, n_chunks, tpp)
-    cx = (D, block_size, TN, GP, lse)  # constexprs D, BS, TN, GP, LSE
+    cx = (D, block_size, TN, GP, lse, use_pdl(cfg.pdl, major))  # constexprs D, BS, TN, GP, LSE, USE_GDC
     return out_shape, _MODE_LAUNCH, grid, args, cx, (key, cx, n_chunks, tpp), cfg.num_warps, cfg.num_stages
 
 
@@ -216,7 +222,7 @@ def block_scores(q: torch.Tensor, k_cache: torch.Tensor, req_to_token: torch.Ten
         # direct launch of the compiled kernel once this signature has run (lkey fixes every dtype, shape, stride,
         # host int and constexpr of the launch)
         _SCORE_LAUNCHER(grid, (q, k_cache, req_to_token, seq_lens, slot_ids, out) + args + (float(sm_scale),) + cx,
-                        key=lkey, num_warps=num_warps, num_stages=num_stages)
+                        key=lkey, num_warps=num_warps, num_stages=num_stages, launch_pdl=cx[-1])
     elif mode == _MODE_NEG:
         out.fill_(float("-inf"))
     return out
@@ -249,7 +255,8 @@ def aot_configs(arch: int, full: bool = False):
                                     out_ptr="*fp32", sqb="i32:D", sqh="i32:D", sqd=1, skt="i32:D", skh="i32:D",
                                     skd=1, srr="i32:D", src=1, s_seq=1, s_slot=1, width="i32", n_rows="i32",
                                     max_slots="i32", G="i32", Hkv=1, B="i32", NB="i32", n_chunks="i32",
-                                    tiles_per_prog="i32", sm_scale="fp32", D=D, BS=BS, TN=TN, GP=GP, LSE=lse)
+                                    tiles_per_prog="i32", sm_scale="fp32", D=D, BS=BS, TN=TN, GP=GP, LSE=lse,
+                                    USE_GDC=bool(cfg.pdl))
                         out.append(AotConfig(_decode_block_scores_kernel, args, cfg.num_warps, cfg.num_stages,
                                              f"blkscore D{D} BS{BS} TN{TN} GP{GP} q{qd}/k{kd} lse{int(lse)}",
                                              hot=True))

@@ -1,5 +1,9 @@
-"""PDL A/B (GPU): decode latency B = 1 / 8 (official paged, 32K, M3) and the decode indexer B = 1 / 32 with the
-programmatic-dependent-launch flag of the decode / score configs off and on (graph replay, rotated sets)."""
+"""Programmatic-dependent-launch A/B (GPU): graph-replayed decode latency at B = 1 / 8 (official paged API, 32K,
+M3 shape) and the decode indexer at B = 1 / 32, with the ``pdl`` flag of the decode / block-score launch tables
+off and on (``msa.tuning.override``), alternating twice so clock drift shows.
+
+    python scripts/exp_pdl.py
+"""
 import importlib
 import os
 import sys
@@ -12,17 +16,20 @@ import bench_runtime as br  # noqa: E402
 from benchmark import load_package  # noqa: E402
 
 msa = load_package()
-dk = importlib.import_module(msa.__name__ + ".decode_kernel")
-dec = importlib.import_module(msa.__name__ + ".decode")
-ix = importlib.import_module(msa.__name__ + ".indexer")
+tuning = importlib.import_module(msa.__name__ + ".tuning")
 dev = torch.device("cuda")
-major = torch.cuda.get_device_capability()[0]
+print(f"# {torch.cuda.get_device_name()}  PDL supported by this Triton: "
+      f"{importlib.import_module(msa.__name__ + '._launch').PDL_SUPPORTED}", flush=True)
+
+
+def flags(pdl):
+    return dict(decode=dict(pdl=int(pdl)), decode_scores=dict(pdl=int(pdl)))
+
+
 kc = torch.randn(br.POOL_PAGES * br.BS, br.HKV, br.D, dtype=torch.bfloat16, device=dev)
 k_hnd = kc.view(br.POOL_PAGES, br.BS, br.HKV, br.D).permute(0, 2, 1, 3).contiguous()
 v_hnd = torch.randn_like(k_hnd)
 del kc
-base_dec = dict(dk.DECODE_CONFIGS[major])
-base_sc = dict(ix.decode_score_config(major))
 for b in (1, 8):
     sets = br._sets(b, 38 if b == 1 else 8, dev)
 
@@ -30,14 +37,10 @@ for b in (1, 8):
         return msa.sparse_decode_atten_func(q, k_hnd, v_hnd, idx, page_table=pt, seqused_k=sk, seqlen_q=1,
                                             max_seqlen_k=br.CTX)
     for pdl in (False, True, False, True):
-        dk.DECODE_CONFIGS[major] = dict(base_dec, pdl=pdl)
-        dk.make_plan.cache_clear()
-        dec._SIG.clear()
-        g = timing.bench_graph(off, [s for s in sets])
-        print(f"pdl decode B={b} pdl={pdl}: {g:.2f} us graph", flush=True)
-dk.DECODE_CONFIGS[major] = base_dec
-dk.make_plan.cache_clear()
-dec._SIG.clear()
+        with tuning.override(**flags(pdl)):
+            g = timing.bench_graph(off, sets)
+        print(f"pdl decode B={b} pdl={int(pdl)}: {g:.2f} us graph", flush=True)
+del k_hnd, v_hnd
 for b, ctx in ((1, 32768), (32, 131072)):
     ik, r2t, sl, isets, _ = br.indexer_case(timing, b, ctx, dev)
 
@@ -45,8 +48,7 @@ for b, ctx in ((1, 32768), (32, 131072)):
         return msa.flash_decode_with_topk_idx(q, None, ik, None, r2t, sl, ctx, sid, br.BS, br.TOPK, 1, 2,
                                               disable_index_value=True)[1]
     for pdl in (False, True, False, True):
-        ix.DECODE_SCORE_CONFIGS[major] = dict(base_sc, pdl=pdl)
-        g = timing.bench_graph(full, isets)
-        print(f"pdl indexer B={b} ctx={ctx} pdl={pdl}: {g:.2f} us graph", flush=True)
-    ix.DECODE_SCORE_CONFIGS[major] = base_sc
+        with tuning.override(**flags(pdl)):
+            g = timing.bench_graph(full, isets)
+        print(f"pdl indexer B={b} ctx={ctx} pdl={int(pdl)}: {g:.2f} us graph", flush=True)
     del ik, r2t
