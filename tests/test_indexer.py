@@ -374,10 +374,10 @@ def test_decode_block_scores_errors():
         msa.decode_block_scores(*ok, score_type="mean")
 
 
-def test_decode_scores_plan_per_override():
+def test_decode_scores_plan_per_override(device):
     """A plan made inside ``tuning.override(decode_scores=...)`` is cached apart from the table's plan."""
-    q, kc, r2t, seq_lens, slot_ids = _ragged_case(2, 4, 2, 64, 300, 256, [250, 100])
-    args = (q, kc, r2t, seq_lens, slot_ids, 16, 16)
+    case = _ragged_case(2, 4, 2, 64, 300, 256, [250, 100])
+    args = tuple(t.to(device) for t in case) + (16, 16)
     ref = msa.decode_block_scores(*args)
     n = len(ixk._PLAN_CACHE)
     with tuning.override(decode_scores=dict(tn={64: 16}, progs_per_sm=1, max_tpp=1)):
