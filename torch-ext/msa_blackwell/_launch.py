@@ -76,6 +76,14 @@ class SignatureCache(dict):
         return value
 
 
+def _hook(h):
+    """A launch hook, or None when it is unset or an empty ``HookChain`` (Triton >= 3.5 always sets one; calling
+    an empty chain still costs the launch-metadata build and two Python calls per launch)."""
+    if h is None or (hasattr(h, "calls") and not h.calls):
+        return None
+    return h
+
+
 def _disable_direct():
     global _DIRECT_OK
     _DIRECT_OK = False
@@ -97,14 +105,22 @@ class TritonLauncher:
         direct = (_DIRECT_OK and (key is not None or slot is not None) and args[0].is_cuda
                   and not interpreter_active())
         if direct:
+            # The tensors go to the C launcher as their device addresses: for a tensor object it would call
+            # data_ptr() and cuPointerGetAttribute (a driver call) per pointer on every launch; the caller's
+            # validation already fixed device and dtype.
             align = 0
             if n_ptr is None:
+                flat = []
                 for a in args:
                     if isinstance(a, torch.Tensor):
-                        align = (align << 1) | ((a.data_ptr() & 15) == 0)
+                        a = a.data_ptr()
+                        align = (align << 1) | ((a & 15) == 0)
+                    flat.append(a)
             else:
-                for i in range(n_ptr):
-                    align = (align << 1) | ((args[i].data_ptr() & 15) == 0)
+                flat = [args[i].data_ptr() for i in range(n_ptr)]
+                for a in flat:
+                    align = (align << 1) | ((a & 15) == 0)
+                flat.extend(args[n_ptr:])
             if slot is not None:
                 store, full = slot, align
             else:
@@ -113,10 +129,10 @@ class TritonLauncher:
             if ck is not None:
                 g = grid + (1, 1)
                 stream = torch._C._cuda_getCurrentRawStream(args[0].get_device())
-                enter, leave = _knobs.runtime.launch_enter_hook, _knobs.runtime.launch_exit_hook
+                enter, leave = _hook(_knobs.runtime.launch_enter_hook), _hook(_knobs.runtime.launch_exit_hook)
                 meta = None if enter is None else ck.launch_metadata(grid, stream, *args)  # profilers' hooks
                 try:
-                    ck.run(g[0], g[1], g[2], stream, ck.function, ck.packed_metadata, meta, enter, leave, *args)
+                    ck.run(g[0], g[1], g[2], stream, ck.function, ck.packed_metadata, meta, enter, leave, *flat)
                     return
                 except (TypeError, ValueError, AttributeError):  # launcher ABI of another Triton: argument parsing
                     _disable_direct()                            # fails before any launch; use Triton's path

@@ -120,7 +120,8 @@ def _plan_for(q, k, idx, table, layout, block_size, seqlen_q, hint_blocks, split
     g = q.shape[1] // hkv
     topk = 0 if idx is None else idx.shape[2]
     return make_plan(q.device, B=b, Hkv=hkv, G=g, SQ=seqlen_q, D=d, BS=block_size, topk=topk,
-                     hint_blocks=hint_blocks, split_override=split_override, max_grid=max_grid, nvfp4=nvfp4)
+                     hint_blocks=hint_blocks, split_override=split_override, max_grid=max_grid, nvfp4=nvfp4,
+                     kv_bytes=k.element_size())
 
 
 def _workspaces(p, device):

@@ -76,13 +76,14 @@ class DecodeConfig(TableEntry):
       addresses then depend on registers only) when the grid has at most this many programs per SM; above
       it, per tile (fewer registers, latency hidden by occupancy). H100, 32K, top-16, M3 shape: preload
       14.3 / 26.1 / 103 us at B = 1 / 8 / 64 (per tile: 19.5 / 38.8 / 139), but 222 us at B = 128 (per
-      tile: 195).
+      tile: 195). ``slot_pre_units_8bit``: the same for fp8 K/V (H100, B = 128, fp8: per tile 342 us, preload
+      183 us);
 
     ``tuning.override(decode=..., decode_nvfp4=...)`` changes fields of the entry a launch uses.
     """
 
     PER_HEAD_DIM = ("block_n", "num_warps", "m_cap")
-    ZERO_OK = ("slot_pre_units", "pdl")
+    ZERO_OK = ("slot_pre_units", "slot_pre_units_8bit", "pdl")
 
     block_n: Mapping[int, int]
     num_warps: Mapping[int, int]
@@ -96,6 +97,7 @@ class DecodeConfig(TableEntry):
     chunk_max: int = 16
     chunk_elems: int = 4096
     slot_pre_units: int = 2
+    slot_pre_units_8bit: int = 2
     pdl: int = 0
 
 
@@ -104,7 +106,7 @@ _BASE = DecodeConfig(block_n={64: 64, 128: 64, 256: 32}, num_warps={64: 4, 128: 
 DECODE_CONFIGS = {
     # Hopper: 228 KB smem per SM. One program per (b, g) once that fills the SMs once: at B = 64 (256 units)
     # S = 1 measured 97.6 us vs 112 us for S = 2 (H100 sweep); B = 1 / 8 unchanged.
-    9: dataclasses.replace(_BASE, ctas_per_sm=1),
+    9: dataclasses.replace(_BASE, ctas_per_sm=1, slot_pre_units_8bit=1024),
     # Blackwell: M tiles of at most 32 rows at D = 128 (64-row tiles spill inside the MMA loop there: sm_100
     # 370-600 LDL/STL, sm_12x fp8 39; scripts/aot_check.py, Triton 3.8). Unmeasured.
     10: dataclasses.replace(_BASE, m_cap={64: 64, 128: 32, 256: 32}),  # datacenter Blackwell
@@ -170,20 +172,21 @@ class LaunchPlan:
 
 
 def make_plan(device, *, B, Hkv, G, SQ, D, BS, topk, hint_blocks, split_override=0, max_grid=0,
-              nvfp4=False) -> LaunchPlan:
+              nvfp4=False, kv_bytes=2) -> LaunchPlan:
     """Choose tile sizes and the split count.
 
     topk: slots per index row (0 = dense path); hint_blocks: dense path's expected block count
     (``min(page_table.shape[1], ceil(max_seqlen_k / BS))``); split_override > 0 forces the number of
     tiles per split (wrapper hints); max_grid > 0 caps the grid; nvfp4: packed NVFP4 K/V (config with
-    ``NVFP4_CONFIG_OVERRIDES``). The config is the device's table entry with the active
+    ``NVFP4_CONFIG_OVERRIDES``); kv_bytes: bytes per K/V element (1 = fp8; token layout's slot preload
+    policy). The config is the device's table entry with the active
     ``tuning.override(decode=...)`` (``decode_nvfp4=`` for NVFP4) changes; plans are cached per device,
     changes and arguments.
     """
     ov = tuning.current()
     return _cached_plan(device, ov.decode_nvfp4 if nvfp4 else ov.decode, B=B, Hkv=Hkv, G=G, SQ=SQ, D=D, BS=BS,
                         topk=topk, hint_blocks=hint_blocks, split_override=split_override, max_grid=max_grid,
-                        nvfp4=nvfp4)
+                        nvfp4=nvfp4, kv_bytes=kv_bytes)
 
 
 @functools.lru_cache(maxsize=512)
@@ -196,7 +199,7 @@ def _cached_plan(device, changes, **kw) -> LaunchPlan:
 
 
 def plan_from_config(cfg, sms, *, B, Hkv, G, SQ, D, BS, topk, hint_blocks, split_override=0,
-                     max_grid=0) -> LaunchPlan:
+                     max_grid=0, kv_bytes=2) -> LaunchPlan:
     """``make_plan`` for an explicit ``DecodeConfig`` and SM count (also used by ``aot_configs``)."""
     p = LaunchPlan()
     p.B, p.Hkv, p.G, p.SQ, p.D, p.BS, p.topk = B, Hkv, G, SQ, D, BS, topk
@@ -238,7 +241,7 @@ def plan_from_config(cfg, sms, *, B, Hkv, G, SQ, D, BS, topk, hint_blocks, split
         chunk = min(chunk, 1 << (lim.bit_length() - 1))
     p.chunk = max(2, chunk)
     p.grid = (p.units * p.num_splits,)
-    p.slot_pre = int(p.grid[0] <= cfg.slot_pre_units * sms)
+    p.slot_pre = int(p.grid[0] <= (cfg.slot_pre_units_8bit if kv_bytes == 1 else cfg.slot_pre_units) * sms)
     p.pdl = bool(cfg.pdl)
     return p
 

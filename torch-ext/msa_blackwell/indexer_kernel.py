@@ -127,10 +127,13 @@ class DecodeScoreConfig(TableEntry):
 # The gathered K tile is cp.async-prefetched one tile ahead into one shared-memory buffer, the req_to_token
 # slice two ahead: ~38 KB per program at D 128 / tn 128, so ~5 programs per SM on sm_90 and the memory
 # parallelism comes from occupancy. sm_12x has ~99 KB of shared memory per block.
-# NOT MEASURED YET (choices by reasoning; sweep with scripts/exp_indexer.py, time with benchmarks/bench_indexer.py).
+# sm_90: tn / stages / programs per SM swept on an H100 (scripts/exp_indexer.py): 3 stages beat 2 by 15-25% at
+# B = 32, 128K; at B = 1, 32K every entry gives the same plan (one tile per program). Others: by reasoning.
 DECODE_SCORE_CONFIGS = {
     None: DecodeScoreConfig(tn={64: 32, 128: 32, 256: 32}, num_stages=1),  # interpreter / unknown
-    9: DecodeScoreConfig(tn={64: 128, 128: 128, 256: 64}),
+    # pdl: H100, B = 1 at 32K, flash_decode_with_topk_idx 16.1 -> 15.0 us (the top-k launch overlaps the score
+    # kernel's tail); B = 32 at 128K unchanged (430 us). scripts/exp_pdl.py.
+    9: DecodeScoreConfig(tn={64: 128, 128: 128, 256: 64}, pdl=1),
     10: DecodeScoreConfig(tn={64: 128, 128: 128, 256: 64}),
     12: DecodeScoreConfig(tn={64: 128, 128: 64, 256: 32}),
 }
