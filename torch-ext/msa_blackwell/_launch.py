@@ -102,8 +102,9 @@ class TritonLauncher:
         stages included), which then holds the compiled kernels; neither: always the normal Triton path.
         n_ptr: the tensors are exactly ``args[:n_ptr]`` (None: any argument may be a tensor). launch_pdl:
         programmatic dependent launch (the kernel calls ``gdc_wait`` first; the key / slot must cover it)."""
-        direct = (_DIRECT_OK and (key is not None or slot is not None) and args[0].is_cuda
-                  and not interpreter_active())
+        # (the interpreter check, an environment read, only guards the first launch of a signature: a compiled
+        # kernel is stored only when it was off)
+        direct = _DIRECT_OK and (key is not None or slot is not None) and args[0].is_cuda
         if direct:
             # The tensors go to the C launcher as their device addresses: for a tensor object it would call
             # data_ptr() and cuPointerGetAttribute (a driver call) per pointer on every launch; the caller's
@@ -141,7 +142,7 @@ class TritonLauncher:
             ck = self.kernel[grid](*args, num_warps=num_warps, num_stages=num_stages, launch_pdl=True)
         else:
             ck = self.kernel[grid](*args, num_warps=num_warps, num_stages=num_stages)
-        if direct and ck is not None and hasattr(ck, "packed_metadata"):
+        if direct and ck is not None and hasattr(ck, "packed_metadata") and not interpreter_active():
             if len(store) >= 512:
                 store.clear()
             store[full] = ck

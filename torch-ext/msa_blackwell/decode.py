@@ -174,7 +174,7 @@ def _run_eager(p, slot, layout, q, k, v, idx, table, lens, slot_ids, sink, causa
 
 def _host_key(*values):
     """Host scalars with their types (``True`` and ``1`` must not share a cache entry)."""
-    return tuple((type(x), x) for x in values)
+    return values + tuple(map(type, values))
 
 
 # ------------------------------------------------------------------------------------------------

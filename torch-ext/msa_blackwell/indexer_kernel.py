@@ -109,8 +109,8 @@ class DecodeScoreConfig(TableEntry):
     ``tn``: tokens per tile by head dim (the gathered K tile ``[tn, D]``); ``num_warps``, ``num_stages``: Triton
     launch options; ``progs_per_sm``: target programs per SM when splitting a request's tiles into chunks;
     ``max_tpp``: most tiles per program; ``pdl``: 1 = programmatic dependent launch (sm_90+; the native top-k
-    that follows in ``flash_decode_with_topk_idx`` is always launched that way). ``tuning.override(decode_scores=...)`` changes fields of the entry a
-    launch uses.
+    that follows in ``flash_decode_with_topk_idx`` is always launched that way). ``tuning.override(
+    decode_scores=...)`` changes fields of the entry a launch uses.
     """
 
     PER_HEAD_DIM = ("tn",)
@@ -131,9 +131,11 @@ class DecodeScoreConfig(TableEntry):
 # B = 32, 128K; at B = 1, 32K every entry gives the same plan (one tile per program). Others: by reasoning.
 DECODE_SCORE_CONFIGS = {
     None: DecodeScoreConfig(tn={64: 32, 128: 32, 256: 32}, num_stages=1),  # interpreter / unknown
-    # pdl: H100, B = 1 at 32K, flash_decode_with_topk_idx 16.1 -> 15.0 us (the top-k launch overlaps the score
-    # kernel's tail); B = 32 at 128K unchanged (430 us). scripts/exp_pdl.py.
-    9: DecodeScoreConfig(tn={64: 128, 128: 128, 256: 64}, pdl=1),
+    # H100: pdl, B = 1 at 32K: flash_decode_with_topk_idx 16.1 -> 15.0 us (the top-k launch overlaps the score
+    # kernel's tail), B = 32 at 128K unchanged (scripts/exp_pdl.py); D = 128: 64-token tiles and 4 stages, B = 32
+    # at 128K: score kernel 438 -> 417 us (85.3 -> 89.5% of copy; 128-token tiles 441-445 us at any stage / warp /
+    # programs-per-SM choice; 8 warps 431-436 us) (scripts/exp_indexer.py).
+    9: DecodeScoreConfig(tn={64: 128, 128: 64, 256: 64}, num_stages=4, pdl=1),
     10: DecodeScoreConfig(tn={64: 128, 128: 128, 256: 64}),
     12: DecodeScoreConfig(tn={64: 128, 128: 64, 256: 32}),
 }
