@@ -85,17 +85,18 @@ class Fp4IndexerConfig:
 
 
 # compute-capability major -> ((largest max_seqlen_q or None = any, config), ...): first match wins.
-# sm_90 (wgmma): 128 rows for short chunks (more programs), 256 for long ones (each decoded K sub-tile feeds
-# twice the MMA work; 234 registers, no spill). sm_100 (tcgen05): 128 rows, 64-slot sub-tiles (256 rows spill
-# in the non-causal loop, so do 128-slot sub-tiles with bf16 operands), 64 rows for bf16 / fp32 operands.
-# sm_12x (mma.sync keeps both operands in registers): 32 rows, 4 warps (64 rows spill with public-layout
-# scales, 128 rows always). Every entry is spill-free in the MMA loops on its targets per scripts/aot_check.py;
-# the sm_90 / sm_100 choices are unmeasured first choices, to be re-tuned with
+# sm_90 (wgmma): 256 rows, 128-slot sub-tiles, 4 waves for every chunk length (H100 sweep,
+# benchmarks/bench_fp4_indexer.py --sweep, nvfp4, causal: T = 256 at 32K 47 us, T = 512 at 1M 1.74 ms,
+# T = 4096 at 128K 1.73 ms = 42% of the bf16 matmul rate; the earlier entries, 128 rows / 128 slots for short
+# chunks and 256 rows / 64 slots for long ones, took 58 us / 2.10 ms / 2.04 ms). sm_100 (tcgen05): 128 rows,
+# 64-slot sub-tiles (256 rows spill in the non-causal loop, so do 128-slot sub-tiles with bf16 operands), 64 rows
+# for bf16 / fp32 operands. sm_12x (mma.sync keeps both operands in registers): 32 rows, 4 warps (64 rows spill
+# with public-layout scales, 128 rows always). Every entry is spill-free in the MMA loops on its targets per
+# scripts/aot_check.py; the sm_100 / sm_12x choices are unmeasured first choices, to be re-tuned with
 # ``benchmarks/bench_fp4_indexer.py --sweep``.
 # None: the CPU interpreter (small tiles, several head groups and KV chunks, so tests reach every path).
 FP4_INDEXER_CONFIGS = {
-    9: ((256, Fp4IndexerConfig(rows=128, wide_rows=128, block_n=128, num_warps=8, num_stages=2)),
-        (None, Fp4IndexerConfig(rows=256, wide_rows=128, block_n=64, num_warps=8, num_stages=2))),
+    9: ((None, Fp4IndexerConfig(rows=256, wide_rows=128, block_n=128, num_warps=8, num_stages=2)),),
     10: ((None, Fp4IndexerConfig(rows=128, wide_rows=64, block_n=64, num_warps=8, num_stages=2)),),
     12: ((None, Fp4IndexerConfig(rows=32, wide_rows=32, block_n=64, num_warps=4, num_stages=2)),),
     None: ((None, Fp4IndexerConfig(rows=32, wide_rows=32, block_n=64, num_warps=4, num_stages=1, waves=2,
