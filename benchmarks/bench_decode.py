@@ -77,6 +77,33 @@ def _bytes_nvfp4(b):
     return b * HKV * TOPK * BS * (D // 2 + D // 16) * 2 + 2 * b * HQ * D * 2
 
 
+def _official(msa, k, v, ctx):
+    """``fn(q, pt, sk, idx)``: ``sparse_decode_atten_func`` (one token per request) on the paged caches k / v."""
+    return lambda q, pt, sk, idx: msa.sparse_decode_atten_func(q, k, v, idx, page_table=pt, seqused_k=sk, seqlen_q=1,
+                                                               max_seqlen_k=ctx)
+
+
+def _wrapper_sets(msa, sets, ctx):
+    """Input sets for ``w.run``: per set of ``_make_sets``, a wrapper planned on its metadata, q, an output."""
+    wsets = []
+    for (q, pt, sk, idx) in sets:
+        w = msa.SparseDecodePagedAttentionWrapper().plan(
+            page_table=pt, seqused_k=sk, seqlen_q=1, max_seqlen_k=ctx, q2k_indices=idx,
+            num_qo_heads=HQ, num_kv_heads=HKV, head_dim=D)
+        wsets.append((w, q, torch.empty_like(q)))
+    return wsets
+
+
+def _plan(dk, dev, b, **kw):
+    """The decode launch plan for ``b`` one-token requests of the M3 shape (``kw``: e.g. ``nvfp4=True``)."""
+    return dk.make_plan(dev, B=b, Hkv=HKV, G=HQ // HKV, SQ=1, D=D, BS=BS, topk=TOPK, hint_blocks=0, **kw)
+
+
+def _roofline(nbytes, us, copy_bw):
+    """Row columns relating ``nbytes`` moved in ``us`` to the copy bandwidth: MB, roofline us, %copy."""
+    return {"MB": nbytes / 1e6, "roofline us": nbytes / copy_bw * 1e6, "%copy": 100 * nbytes / (us * 1e-6) / copy_bw}
+
+
 def run_nvfp4(msa, timing, dk, k_hnd, v_hnd, copy_bw, quick):
     """NVFP4 KV vs bf16 / fp8 KV (graph replay, 32K): rows, ratios, bytes vs the copy roofline, decoders, sweep."""
     dev = k_hnd.device
@@ -95,34 +122,24 @@ def run_nvfp4(msa, timing, dk, k_hnd, v_hnd, copy_bw, quick):
         sets = _make_sets(b, ctx, timing.num_sets(_bytes_nvfp4(b)), dev)
         us = {}
         for name, (k, v, nbytes) in (("bf16", (k_hnd, v_hnd, _bytes(b, 2))), ("fp8 e4m3", (k8, v8, _bytes(b, 1)))):
-            us[name] = timing.bench_graph(lambda q, pt, sk, idx: msa.sparse_decode_atten_func(
-                q, k, v, idx, page_table=pt, seqused_k=sk, seqlen_q=1, max_seqlen_k=ctx), sets)
-            rows.append({"B": b, "KV": name, "us graph": us[name], "MB": nbytes / 1e6,
-                         "roofline us": nbytes / copy_bw * 1e6, "%copy": 100 * nbytes / (us[name] * 1e-6) / copy_bw,
+            us[name] = timing.bench_graph(_official(msa, k, v, ctx), sets)
+            rows.append({"B": b, "KV": name, "us graph": us[name], **_roofline(nbytes, us[name], copy_bw),
                          "x bf16": us[name] / us["bf16"]})
-        p = dk.make_plan(dev, B=b, Hkv=HKV, G=HQ // HKV, SQ=1, D=D, BS=BS, topk=TOPK, hint_blocks=0, nvfp4=True)
+        p = _plan(dk, dev, b, nvfp4=True)
+
+        def fp4_row(kv, t):
+            rows.append({"B": b, "KV": kv, "us graph": t, **_roofline(_bytes_nvfp4(b), t, copy_bw),
+                         "x bf16": t / us["bf16"], "x fp8": t / us["fp8 e4m3"], "splits": p.num_splits})
+
         decs = ("1", "0") if b == 64 else ("1",)
         for d in decs:
             with msa.tuning.override(decode_fp4_decoder=int(d)):
                 t = timing.bench_graph(fp4_call, sets)
-            nb = _bytes_nvfp4(b)
-            rows.append({"B": b, "KV": f"nvfp4 dec{d}" + (" (ptx)" if d == "1" else " (portable)"), "us graph": t,
-                         "MB": nb / 1e6, "roofline us": nb / copy_bw * 1e6,
-                         "%copy": 100 * nb / (t * 1e-6) / copy_bw, "x bf16": t / us["bf16"],
-                         "x fp8": t / us["fp8 e4m3"], "splits": p.num_splits})
+            fp4_row(f"nvfp4 dec{d}" + (" (ptx)" if d == "1" else " (portable)"), t)
             print("row nvfp4", b, d, f"{t:.2f} us ({t / us['bf16']:.3f}x bf16)", flush=True)
         if b == 64:  # the wrapper (plan once, one launch per run, no per-call memset), default decoder
-            wsets = []
-            for (q, pt, sk, idx) in sets:
-                w = msa.SparseDecodePagedAttentionWrapper().plan(
-                    page_table=pt, seqused_k=sk, seqlen_q=1, max_seqlen_k=ctx, q2k_indices=idx,
-                    num_qo_heads=HQ, num_kv_heads=HKV, head_dim=D)
-                wsets.append((w, q, torch.empty_like(q)))
-            t = timing.bench_graph(lambda w, q, o: w.run(q, qk, qv, out=o), wsets)
-            rows.append({"B": b, "KV": "nvfp4 wrapper", "us graph": t, "MB": _bytes_nvfp4(b) / 1e6,
-                         "roofline us": _bytes_nvfp4(b) / copy_bw * 1e6,
-                         "%copy": 100 * _bytes_nvfp4(b) / (t * 1e-6) / copy_bw, "x bf16": t / us["bf16"],
-                         "x fp8": t / us["fp8 e4m3"], "splits": p.num_splits})
+            wsets = _wrapper_sets(msa, sets, ctx)
+            fp4_row("nvfp4 wrapper", timing.bench_graph(lambda w, q, o: w.run(q, qk, qv, out=o), wsets))
             del wsets
         del sets
     timing.print_table(rows, ["B", "KV", "splits", "us graph", "MB", "roofline us", "%copy", "x bf16", "x fp8"],
@@ -156,8 +173,7 @@ def run_nvfp4(msa, timing, dk, k_hnd, v_hnd, copy_bw, quick):
                     try:
                         with msa.tuning.override(decode_nvfp4=var, decode_fp4_decoder=int(d),
                                                  decode_fp4_prefetch=int(pf)):
-                            p = dk.make_plan(dev, B=b, Hkv=HKV, G=HQ // HKV, SQ=1, D=D, BS=BS, topk=TOPK,
-                                             hint_blocks=0, nvfp4=True)
+                            p = _plan(dk, dev, b, nvfp4=True)
                             t = timing.bench_graph(fp4_call, sets)
                         r = {"B": b, "variant": ("default" if var is None else str(var)) + f" dec{d} pf{pf}",
                              "splits": p.num_splits, "warps": p.num_warps, "stages": p.num_stages, "us graph": t,
@@ -209,26 +225,16 @@ def run(msa, timing):
         for ctx in ctxs:
             sets = _make_sets(b, ctx, n_sets, dev)
 
-            def official(q, pt, sk, idx, k=k_hnd, v=v_hnd):
-                return msa.sparse_decode_atten_func(q, k, v, idx, page_table=pt, seqused_k=sk, seqlen_q=1,
-                                                    max_seqlen_k=ctx)
-
+            official = _official(msa, k_hnd, v_hnd, ctx)
             us_g = timing.bench_graph(official, sets)
             us_e = None if quick else timing.bench_events(official, sets)
-            p = dk.make_plan(dev, B=b, Hkv=HKV, G=HQ // HKV, SQ=1, D=D, BS=BS, topk=TOPK, hint_blocks=0)
+            p = _plan(dk, dev, b)
             row("official HND", b, ctx, us_g, us_e, splits=p.num_splits)
             if ctx == 32768 and not quick:
-                def official_view(q, pt, sk, idx):
-                    return official(q, pt, sk, idx, k=k_view, v=v_view)
-
-                row("official NHD-view", b, ctx, timing.bench_graph(official_view, sets), splits=p.num_splits)
+                row("official NHD-view", b, ctx, timing.bench_graph(_official(msa, k_view, v_view, ctx), sets),
+                    splits=p.num_splits)
             if ctx == 32768:
-                wsets = []
-                for (q, pt, sk, idx) in sets:
-                    w = msa.SparseDecodePagedAttentionWrapper().plan(
-                        page_table=pt, seqused_k=sk, seqlen_q=1, max_seqlen_k=ctx, q2k_indices=idx,
-                        num_qo_heads=HQ, num_kv_heads=HKV, head_dim=D)
-                    wsets.append((w, q, torch.empty_like(q)))
+                wsets = _wrapper_sets(msa, sets, ctx)
                 row("wrapper", b, ctx, timing.bench_graph(lambda w, q, o: w.run(q, k_hnd, v_hnd, out=o), wsets),
                     None if quick else timing.bench_events(lambda w, q, o: w.run(q, k_hnd, v_hnd, out=o), wsets),
                     splits=p.num_splits)
@@ -256,8 +262,7 @@ def run(msa, timing):
     sets = _make_sets(b, ctx, timing.num_sets(_bytes(b, 1)), dev)
     us = {}
     for name, (k, v) in (("bf16", (k_hnd, v_hnd)), ("fp8 e4m3", (k8, v8))):
-        us[name] = timing.bench_graph(lambda q, pt, sk, idx: msa.sparse_decode_atten_func(
-            q, k, v, idx, page_table=pt, seqused_k=sk, seqlen_q=1, max_seqlen_k=ctx), sets)
+        us[name] = timing.bench_graph(_official(msa, k, v, ctx), sets)
         r = row(f"official {name} KV", b, ctx, us[name], kv_elem=2 if name == "bf16" else 1)
         fp8_rows.append(r)
     fp8_rows[-1]["fp8/bf16"] = us["fp8 e4m3"] / us["bf16"]
@@ -291,10 +296,8 @@ def run(msa, timing):
                 continue
             try:
                 with msa.tuning.override(decode=var or None):  # {} = the table's entry
-                    p = dk.make_plan(dev, B=b, Hkv=HKV, G=HQ // HKV, SQ=1, D=D, BS=BS, topk=TOPK, hint_blocks=0)
-                    fn = lambda q, pt, sk, idx: msa.sparse_decode_atten_func(  # noqa: E731
-                        q, k_hnd, v_hnd, idx, page_table=pt, seqused_k=sk, seqlen_q=1, max_seqlen_k=32768)
-                    us_g = timing.bench_graph(fn, sets)
+                    p = _plan(dk, dev, b)
+                    us_g = timing.bench_graph(_official(msa, k_hnd, v_hnd, 32768), sets)
                     r = {"B": b, "variant": str(var) if var else "default", "splits": p.num_splits,
                          "tiles/split": p.tiles_per_split, "us graph": us_g,
                          "%copy": 100 * _bytes(b, 2) / (us_g * 1e-6) / copy_bw}
@@ -302,8 +305,7 @@ def run(msa, timing):
                         k8 = k_hnd[:4096].to(torch.float8_e4m3fn)
                         v8 = v_hnd[:4096].to(torch.float8_e4m3fn)
                         sets8 = [(q, pt % 4096, sk, idx) for (q, pt, sk, idx) in sets]
-                        r["us fp8"] = timing.bench_graph(lambda q, pt, sk, idx: msa.sparse_decode_atten_func(
-                            q, k8, v8, idx, page_table=pt, seqused_k=sk, seqlen_q=1, max_seqlen_k=32768), sets8)
+                        r["us fp8"] = timing.bench_graph(_official(msa, k8, v8, 32768), sets8)
                         del k8, v8, sets8
                 sweep.append(r)
                 print("sweep", {k: (round(v, 2) if isinstance(v, float) else v) for k, v in r.items()}, flush=True)

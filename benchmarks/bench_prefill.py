@@ -229,8 +229,6 @@ if __name__ == "__main__":
               [int(x) for x in os.environ.get("MSA_BENCH_CSR_CHUNKS", "2048").split(",")],
               int(os.environ.get("MSA_BENCH_SIZES", "32768")))
         sys.exit(0)
-    sys.path.insert(0, os.path.join(root, "torch-ext"))
-    import msa_blackwell
+    from standalone import run_section
 
-    for r in run(msa_blackwell, _timing):
-        print({k: (round(v, 2) if isinstance(v, float) else v) for k, v in r.items()})
+    run_section(run, 2, _timing)

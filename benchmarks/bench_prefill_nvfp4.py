@@ -119,10 +119,6 @@ def run(msa, timing):
 
 
 if __name__ == "__main__":
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    sys.path.insert(0, os.path.join(root, "torch-ext"))
-    import msa_blackwell
-    import timing as _timing
+    from standalone import run_section
 
-    for r in run(msa_blackwell, _timing):
-        print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()})
+    run_section(run, 4)

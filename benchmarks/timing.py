@@ -30,39 +30,49 @@ def device_name() -> str:
     return f"{p.name} (sm_{p.major}{p.minor}, {p.multi_processor_count} SMs)"
 
 
-def bench_events(fn, inputs, *, warmup=5, iters=200, flush=False) -> float:
-    """Median µs per eager call; ``fn(*inputs[i % len(inputs)])``."""
+def _event_us(fn, *args) -> float:
+    """µs between CUDA events recorded around ``fn(*args)`` (waits for the end event)."""
+    s = torch.cuda.Event(enable_timing=True)
+    e = torch.cuda.Event(enable_timing=True)
+    s.record()
+    fn(*args)
+    e.record()
+    e.synchronize()
+    return s.elapsed_time(e) * 1e3
+
+
+def _wall_us(fn, *args) -> float:
+    """Host wall-clock µs of ``fn(*args)`` followed by a device synchronize."""
+    t0 = time.perf_counter()
+    fn(*args)
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t0) * 1e6
+
+
+def _median_eager(fn, inputs, warmup, iters, timed) -> float:
+    """``warmup`` calls, a synchronize, then the median of ``timed(fn, *inputs[i % len(inputs)])`` (µs) over
+    ``iters`` eager calls."""
     n = len(inputs)
     for i in range(warmup):
         fn(*inputs[i % n])
     torch.cuda.synchronize()
-    times = []
-    for i in range(iters):
+    return statistics.median([timed(fn, *inputs[i % n]) for i in range(iters)])
+
+
+def bench_events(fn, inputs, *, warmup=5, iters=200, flush=False) -> float:
+    """Median µs per eager call; ``fn(*inputs[i % len(inputs)])``."""
+
+    def timed(f, *args):
         if flush:
             _flush_l2()
-        s = torch.cuda.Event(enable_timing=True)
-        e = torch.cuda.Event(enable_timing=True)
-        s.record()
-        fn(*inputs[i % n])
-        e.record()
-        e.synchronize()
-        times.append(s.elapsed_time(e) * 1e3)
-    return statistics.median(times)
+        return _event_us(f, *args)
+
+    return _median_eager(fn, inputs, warmup, iters, timed)
 
 
 def bench_wall(fn, inputs, *, warmup=5, iters=200) -> float:
     """Median host wall-clock µs per eager call (call + synchronize): what a non-graphed caller sees."""
-    n = len(inputs)
-    for i in range(warmup):
-        fn(*inputs[i % n])
-    torch.cuda.synchronize()
-    times = []
-    for i in range(iters):
-        t0 = time.perf_counter()
-        fn(*inputs[i % n])
-        torch.cuda.synchronize()
-        times.append((time.perf_counter() - t0) * 1e6)
-    return statistics.median(times)
+    return _median_eager(fn, inputs, warmup, iters, _wall_us)
 
 
 def bench_graph(fn, inputs, *, replays=30, warmup=2) -> float:
@@ -82,15 +92,7 @@ def bench_graph(fn, inputs, *, replays=30, warmup=2) -> float:
     for _ in range(warmup):
         g.replay()
     torch.cuda.synchronize()
-    times = []
-    for _ in range(replays):
-        st = torch.cuda.Event(enable_timing=True)
-        en = torch.cuda.Event(enable_timing=True)
-        st.record()
-        g.replay()
-        en.record()
-        en.synchronize()
-        times.append(st.elapsed_time(en) * 1e3 / n)
+    times = [_event_us(g.replay) / n for _ in range(replays)]
     del g
     return statistics.median(times)
 

@@ -75,20 +75,22 @@ FUZZ_PROFILE=${FUZZ_PROFILE:-medium}
 FUZZ_RACE_PROFILE=${FUZZ_RACE_PROFILE:-ci}
 GRAPH_REPLAYS=${GRAPH_REPLAYS:-200}
 
-# name -> "<tool> <caching|nocache> <pytest args...>" (-k: tests with adversarial ids, lengths or tables)
+# name, then "<tool> <caching|nocache> <pytest args...>" (-k: tests with adversarial ids, lengths or tables)
 declare -A SEL
-SEL[decode]="memcheck nocache tests/test_decode.py -k gqa_messy_ids|empty_rows_and_bad_ids|ragged_batch|multi_token_causal|multi_token_m_tiles|dense_path|strided_index_tensors|wrapper_dense_and_reference_semantics|fuzz_small|gpu_generic_cases_bf16"
-SEL[direct]="memcheck nocache tests/test_decode_direct.py -k test_gqa|indirection_edge_cases|int64_indices_sink_scale|ragged_batch_64|block_sizes|packed_strided_cache|matches_official_bitwise"
-SEL[prefill]="memcheck nocache tests/test_prefill.py -k prefill_dense_small|paged_equals_dense|page_bound|csr_set_semantics|prefill_empty_rows|prefill_gqa|prefill_gpu_topk"
-SEL[indexer]="memcheck nocache tests/test_indexer.py -k decode_indexer_selection|decode_indexer_o_and_naive"
-SEL[fp4_indexer]="memcheck nocache tests/test_fp4_indexer.py -k scores_noncausal|scores_causal|alias_float|gpu_large_m3_shape|missing_and_bad_pages|gpu_ragged_batch_chunks_and_bad_pages"
-SEL[topk]="memcheck nocache tests/test_topk.py -k random_ties_and_specials|distinct_scores|edge_lengths|single_block_and_all_invalid|forced_local_blocks|forced_more_than_topk|test_empty|non_contiguous_score|native_deterministic"
-SEL[csr]="memcheck nocache tests/test_csr.py -k k2q_to_q2k_roundtrip|gpu_matches_cpu|gpu_reference_small"
-SEL[nvfp4]="memcheck nocache tests/test_decode_nvfp4.py tests/test_prefill_nvfp4.py -k gqa_messy_ids|seqlen_q_2|split_and_non_split_plans|empty_rows_bad_ids|dense_path|strided_packed_cache|fused_small_fp16|fused_noncontiguous_inputs"
-SEL[graphs]="memcheck caching tests/test_cuda_graph.py -m sanitize"
-SEL[fuzz]="memcheck nocache tests/test_fuzz.py -m fuzz"
-SEL[fuzz_race]="racecheck caching tests/test_fuzz.py -m fuzz"
-SEL[graphs_race]="racecheck caching tests/test_cuda_graph.py -m sanitize"
+while read -r name spec; do [ -n "$name" ] && SEL[$name]=$spec; done <<'SELECTIONS'
+decode      memcheck nocache tests/test_decode.py -k gqa_messy_ids|empty_rows_and_bad_ids|ragged_batch|multi_token_causal|multi_token_m_tiles|dense_path|strided_index_tensors|wrapper_dense_and_reference_semantics|fuzz_small|gpu_generic_cases_bf16
+direct      memcheck nocache tests/test_decode_direct.py -k test_gqa|indirection_edge_cases|int64_indices_sink_scale|ragged_batch_64|block_sizes|packed_strided_cache|matches_official_bitwise
+prefill     memcheck nocache tests/test_prefill.py -k prefill_dense_small|paged_equals_dense|page_bound|csr_set_semantics|prefill_empty_rows|prefill_gqa|prefill_gpu_topk
+indexer     memcheck nocache tests/test_indexer.py -k decode_indexer_selection|decode_indexer_o_and_naive
+fp4_indexer memcheck nocache tests/test_fp4_indexer.py -k scores_noncausal|scores_causal|alias_float|gpu_large_m3_shape|missing_and_bad_pages|gpu_ragged_batch_chunks_and_bad_pages
+topk        memcheck nocache tests/test_topk.py -k random_ties_and_specials|distinct_scores|edge_lengths|single_block_and_all_invalid|forced_local_blocks|forced_more_than_topk|test_empty|non_contiguous_score|native_deterministic
+csr         memcheck nocache tests/test_csr.py -k k2q_to_q2k_roundtrip|gpu_matches_cpu|gpu_reference_small
+nvfp4       memcheck nocache tests/test_decode_nvfp4.py tests/test_prefill_nvfp4.py -k gqa_messy_ids|seqlen_q_2|split_and_non_split_plans|empty_rows_bad_ids|dense_path|strided_packed_cache|fused_small_fp16|fused_noncontiguous_inputs
+graphs      memcheck caching tests/test_cuda_graph.py -m sanitize
+fuzz        memcheck nocache tests/test_fuzz.py -m fuzz
+fuzz_race   racecheck caching tests/test_fuzz.py -m fuzz
+graphs_race racecheck caching tests/test_cuda_graph.py -m sanitize
+SELECTIONS
 
 {
   echo "compute-sanitizer: $CS ($("$CS" --version 2>/dev/null | grep -i version | head -1))"

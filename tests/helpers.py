@@ -100,6 +100,7 @@ def owner_ref(cu_q, t):
 
 # ---- generic helpers for compile / CUDA-graph tests (tests/test_compile.py, tests/test_cuda_graph.py) ----
 
+GRAPH_STEPS = int(os.environ.get("MSA_GRAPH_STEPS", "4"))  # replays per graph test (scripts/sanitize.sh uses fewer)
 _INT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
@@ -152,3 +153,18 @@ def capture_cuda_graph(fn, *, warmup=1):
         result = fn()
     torch.cuda.synchronize()
     return graph, result
+
+
+def replay_steps(graph, outs, refill, check, eager, steps=None):
+    """Per step (``1 .. GRAPH_STEPS`` unless ``steps`` is given): new metadata (``refill(step)``), poisoned
+    outputs, replay, ``check(what)`` against float64, and the outputs bit for bit against ``eager()`` (the same
+    kernels and launch policy, run eagerly). ``outs``: the tensors the captured call wrote (``graph``'s pool)."""
+    for step in range(1, GRAPH_STEPS + 1) if steps is None else steps:
+        refill(step)
+        for t in outs:
+            poison_like(t)
+        graph.replay()
+        torch.cuda.synchronize()
+        what = f"replay {step}"
+        check(what)
+        assert_bitwise_equal(tuple(outs), tuple(eager()), f"{what} vs eager")

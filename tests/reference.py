@@ -10,18 +10,6 @@ from .helpers import msa
 
 _testing = importlib.import_module(msa.__name__ + ".testing")
 
-q2k_block_mask = _testing.q2k_block_mask
-visible_from_blocks = _testing.visible_from_blocks
-attention_ref = _testing.attention_ref
-gather_paged = _testing.gather_paged
-gather_token_major = _testing.gather_token_major
-paged_decode_ref = _testing.paged_decode_ref
-token_major_decode_ref = _testing.token_major_decode_ref
-csr_rows_per_request = _testing.csr_rows_per_request
-csr_level_row_map = _testing.csr_level_row_map
-build_k2q_csr_ref = _testing.build_k2q_csr_ref
-csr_block_mask = _testing.csr_block_mask
-
-__all__ = ["q2k_block_mask", "visible_from_blocks", "attention_ref", "gather_paged", "gather_token_major",
-           "paged_decode_ref", "token_major_decode_ref", "csr_rows_per_request", "csr_level_row_map",
-           "build_k2q_csr_ref", "csr_block_mask"]
+# every public reference of ``msa.testing`` under its own name (attention_ref, paged_decode_ref, build_k2q_csr_ref, ...)
+__all__ = list(_testing.__all__)
+globals().update({name: getattr(_testing, name) for name in __all__})

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from .helpers import msa, owner_ref, requires_cuda
-from .reference import build_k2q_csr_ref, csr_block_mask
+from .reference import build_k2q_csr_ref, csr_block_mask, csr_from_pairs
 
 csr_mod = msa.csr
 
@@ -249,7 +249,7 @@ def build_k2q_csr_owner_ref(q2k, cu_q, cu_k, total_rows, max_kv_blocks):
     ids = q2k.tolist()
     B = len(cu_q) - 1
     R = [max(0, -(-(cu_k[b + 1] - cu_k[b]) // 128)) for b in range(B)]
-    rps, qis = [], []
+    heads = []
     for g in range(hkv):
         pairs = []
         for t in range(total_q):
@@ -263,15 +263,8 @@ def build_k2q_csr_owner_ref(q2k, cu_q, cu_k, total_rows, max_kv_blocks):
                 if row < total_rows:
                     pairs.append((row, _wrap32(t - cu_q[b])))
         pairs.sort(key=lambda p: p[0])  # stable: (row, t) order; i = t - cu_q[b] is increasing in t within a row
-        rp = [0] * (total_rows + 1)
-        for r, _ in pairs:
-            rp[r + 1] += 1
-        for x in range(total_rows):
-            rp[x + 1] += rp[x]
-        rps.append(rp)
-        qis.append([i for _, i in pairs] + [-1] * (total_q * topk - len(pairs)))
-    return (torch.tensor(rps, dtype=torch.int32).view(hkv, total_rows + 1),
-            torch.tensor(qis, dtype=torch.int32).view(hkv, total_q * topk))
+        heads.append(pairs)
+    return csr_from_pairs(heads, total_rows, total_q * topk)
 
 
 ODD_CU = [

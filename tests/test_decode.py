@@ -6,11 +6,13 @@ contexts, CUDA graphs, torch.compile with inductor) are marked ``requires_cuda``
 
 import math
 import warnings
+from types import SimpleNamespace
 
 import pytest
 import torch
 
-from .helpers import assert_close_attn, assert_lse_close, msa, poison_like, random_index_row, requires_cuda
+from .helpers import (assert_close_attn, assert_lse_close, capture_cuda_graph, msa, poison_like, random_index_row,
+                      replay_steps, requires_cuda)
 from .reference import paged_decode_ref
 
 FP8 = torch.float8_e4m3fn
@@ -215,16 +217,26 @@ def test_empty_batch(device):
 # ---------------------------------------------------------------------------------------------------
 
 
-def _plan(pt, sk, sq, idx, hq, hkv, **kw):
-    w = msa.SparseDecodePagedAttentionWrapper()
+def plan_decode(pt, sk, sq, idx, hq, hkv, *, causal=True, **kw):
+    """A ``SparseDecodePagedAttentionWrapper`` planned for these tensors (``max_seqlen_k`` = the longest length);
+    ``kw``: the other ``plan`` arguments (split hints, ``enable_cuda_graph``)."""
+    w = msa.SparseDecodePagedAttentionWrapper(causal=causal)
     return w.plan(page_table=pt, seqused_k=sk, seqlen_q=sq, max_seqlen_k=max(1, int(sk.max())), q2k_indices=idx,
                   num_qo_heads=hq, num_kv_heads=hkv, head_dim=D, **kw)
+
+
+def rewrite_plan_inputs(pt, sk, idx, lens):
+    """In-place updates a planned wrapper must see on its next run: KV lengths ``lens``, every page-table row
+    reversed, new random ids in [-1, 6)."""
+    sk.copy_(torch.tensor(lens, dtype=torch.int32))
+    pt.copy_(pt.flip(1))
+    idx.copy_(torch.randint(-1, 6, idx.shape, dtype=torch.int32))
 
 
 @pytest.mark.kernels_ci
 def test_wrapper_matches_functional_bitwise(device):
     q, k, v, idx, pt, sk = make_problem([300, 700, 1], hkv=2, g=4, topk=4, device=device)
-    w = _plan(pt, sk, 1, idx, 8, 2)
+    w = plan_decode(pt, sk, 1, idx, 8, 2)
     for attr in ("blk_kv", "causal", "batch", "num_qo_heads", "num_kv_heads", "head_dim", "page_table", "seqused_k",
                  "q2k_indices", "seqlen_q", "max_seqlen_k", "is_sparse"):
         assert hasattr(w, attr), attr
@@ -244,16 +256,14 @@ def test_wrapper_matches_functional_bitwise(device):
 
 def test_wrapper_dense_and_reference_semantics(device):
     q, k, v, idx, pt, sk = make_problem([300, 700], hkv=2, g=4, topk=4, device=device)
-    w = _plan(pt, sk, 1, None, 8, 2)
+    w = plan_decode(pt, sk, 1, None, 8, 2)
     assert not w.is_sparse
     out = w.run(q, k, v)
     check(out, None, q, k, v, None, pt, sk, 1)
     # plan stores references: in-place updates are seen by the next run
-    ws = _plan(pt, sk, 1, idx, 8, 2)
+    ws = plan_decode(pt, sk, 1, idx, 8, 2)
     ws.run(q, k, v)
-    sk.copy_(torch.tensor([640, 200], dtype=torch.int32))
-    pt.copy_(pt.flip(1))
-    idx.copy_(torch.randint(-1, 6, idx.shape, dtype=torch.int32))
+    rewrite_plan_inputs(pt, sk, idx, [640, 200])
     out, lse = ws.run(q, k, v, return_softmax_lse=True)
     check(out, lse, q, k, v, idx, pt, sk, 1)
 
@@ -262,7 +272,7 @@ def test_wrapper_split_hints(device):
     q, k, v, idx, pt, sk = make_problem([1024, 900], hkv=1, g=8, topk=8, device=device, ids="valid")
     ref = None
     for kw in ({}, {"disable_split_kv": True}, {"fixed_split_size": 1}, {"fixed_split_size": 3}, {"max_grid_size": 3}):
-        w = _plan(pt, sk, 1, idx, 8, 1, **kw)
+        w = plan_decode(pt, sk, 1, idx, 8, 1, **kw)
         out, lse = w.run(q, k, v, return_softmax_lse=True)
         check(out, lse, q, k, v, idx, pt, sk, 1)
         if kw.get("fixed_split_size") == 1:
@@ -377,7 +387,7 @@ def test_opcheck(device):
     dec = msa.decode
     opcheck(dec._sparse_decode_fwd, (q, k, v, idx, pt, sk, None, None, 0, 128, 1, True, D ** -0.5, 3, True))
     opcheck(dec._sparse_decode_fwd, (q, k, v, None, pt, sk, None, None, 0, 128, 1, True, D ** -0.5, 3, False))
-    w = _plan(pt, sk, 1, idx, 8, 2)
+    w = plan_decode(pt, sk, 1, idx, 8, 2)
     out = torch.empty_like(q)
     lse = torch.empty(q.shape[0], q.shape[1], dtype=torch.float32, device=device)
     opcheck(dec._sparse_decode_fwd_out, (q, k, v, idx, pt, sk, out, lse, w.O_partial, w._ml_partial, w._counter, 1,
@@ -441,6 +451,23 @@ def sparse_ref_compact(q, k, v, idx, pt, sk, sq, *, causal=True, scale=None):
     return o, lse
 
 
+def check_compact(out, lse, q, k, v, idx, pt, sk, *, what="output"):
+    """``out`` / ``lse`` of a one-token decode against ``sparse_ref_compact`` (the project thresholds)."""
+    o_ref, lse_ref = sparse_ref_compact(q, k, v, idx, pt, sk, 1)
+    assert_close_attn(out, o_ref, what=what)
+    assert_lse_close(lse, lse_ref)
+
+
+def gpu_generic_cases(*, empty_request=False):
+    """The generic GPU sweep, as ``(lens, problem kwargs, seqlen_q, causal)``: every GQA ratio over ragged
+    lengths (plus a zero-length request with ``empty_request``), multi-token causal and non-causal, and a dense
+    70K-token problem (``ids="dense"``)."""
+    ragged = [300, 4096, 1, 2000] + ([0] if empty_request else [])
+    return ([(ragged, dict(hkv=2, g=g, topk=8), 1, True) for g in (1, 2, 4, 8, 16)]
+            + [([3, 4096, 700], dict(hkv=4, g=16, sq=4, topk=16), 4, causal) for causal in (True, False)]
+            + [([70000, 30], dict(hkv=4, g=16, ids="dense"), 1, True)])
+
+
 def _gpu_problem(b, ctx, *, hkv=4, g=16, topk=16, sq=1, dtype=torch.bfloat16, pool_pages=None):
     """M3-shaped problem with a (possibly small, aliased) physical page pool and distinct valid ids."""
     dev = "cuda"
@@ -473,36 +500,23 @@ def test_gpu_bf16_long_context(b, ctx):
         pytest.skip("covered by smaller batch")
     q, k, v, idx, pt, sk = _gpu_problem(b, ctx)
     out, lse = run_official(q, k, v, idx, pt, sk, 1)
-    o_ref, lse_ref = sparse_ref_compact(q, k, v, idx, pt, sk, 1)
-    assert_close_attn(out, o_ref)
-    assert_lse_close(lse, lse_ref)
+    check_compact(out, lse, q, k, v, idx, pt, sk)
 
 
 @requires_cuda
 def test_gpu_one_million_tokens():
     q, k, v, idx, pt, sk = _gpu_problem(1, 1 << 20, pool_pages=1024)
     out, lse = run_official(q, k, v, idx, pt, sk, 1)
-    o_ref, lse_ref = sparse_ref_compact(q, k, v, idx, pt, sk, 1)
-    assert_close_attn(out, o_ref)
-    assert_lse_close(lse, lse_ref)
+    check_compact(out, lse, q, k, v, idx, pt, sk)
 
 
 @requires_cuda
 def test_gpu_generic_cases_bf16():
-    dev = torch.device("cuda")
-    for g in (1, 2, 4, 8, 16):
-        q, k, v, idx, pt, sk = make_problem([300, 4096, 1, 2000], hkv=2, g=g, topk=8, dtype=torch.bfloat16,
-                                            device=dev, strided=(g == 8))
-        out, lse = run_official(q, k, v, idx, pt, sk, 1)
-        check(out, lse, q, k, v, idx, pt, sk, 1)
-    for causal in (True, False):
-        q, k, v, idx, pt, sk = make_problem([3, 4096, 700], hkv=4, g=16, sq=4, topk=16, dtype=torch.bfloat16,
-                                            device=dev)
-        out, lse = run_official(q, k, v, idx, pt, sk, 4, causal=causal)
-        check(out, lse, q, k, v, idx, pt, sk, 4, causal=causal)
-    q, k, v, _, pt, sk = make_problem([70000, 30], hkv=4, g=16, dtype=torch.bfloat16, device=dev, ids="dense")
-    out, lse = run_official(q, k, v, None, pt, sk, 1)
-    check(out, lse, q, k, v, None, pt, sk, 1)
+    for lens, kw, sq, causal in gpu_generic_cases():
+        q, k, v, idx, pt, sk = make_problem(lens, dtype=torch.bfloat16, device=torch.device("cuda"),
+                                            strided=(kw["g"] == 8), **kw)
+        out, lse = run_official(q, k, v, idx, pt, sk, sq, causal=causal)
+        check(out, lse, q, k, v, idx, pt, sk, sq, causal=causal)
 
 
 @requires_cuda
@@ -538,14 +552,14 @@ def test_gpu_deterministic(b):
         assert torch.equal(o, outs[0][0]) and torch.equal(l, outs[0][1])
 
 
-def _replay_check(make_call, q, k, v, idx, pt, sk, b):
-    """Warm up, capture, then change metadata in place and replay."""
-    res = make_call()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        res = make_call()
-    for step in range(3):
+def replay_check(make_call, q, k, v, idx, pt, sk, b):
+    """Capture ``make_call`` (returns ``(out, lse)``; after a warm-up) in a CUDA graph, then for 3 steps write a
+    new ``_gpu_problem`` (8K, 12K, 16K tokens) into q / idx / pt / sk in place, poison the outputs, replay, and
+    check against ``sparse_ref_compact`` on ``k`` / ``v`` (the caches, or their float dequantisation: pages
+    ``[P, Hkv, 128, 128]``) and bit for bit against an eager call."""
+    graph, res = capture_cuda_graph(make_call)
+
+    def refill(step):
         new = _gpu_problem(b, 8192 + 4096 * step)
         maxp = new[4].shape[1]
         pt.zero_()
@@ -553,57 +567,67 @@ def _replay_check(make_call, q, k, v, idx, pt, sk, b):
         sk.copy_(new[5])
         idx.copy_(new[3])
         q.copy_(new[0])
-        graph.replay()
-        torch.cuda.synchronize()
-        out, lse = res
-        o_ref, lse_ref = sparse_ref_compact(q, k, v, idx, pt, sk, 1)
-        assert_close_attn(out, o_ref, what=f"replay {step}")
-        assert_lse_close(lse, lse_ref)
-        eager = make_call()
-        assert torch.equal(eager[0], out) and torch.equal(eager[1], lse)
+
+    replay_steps(graph, res, refill, lambda what: check_compact(*res, q, k, v, idx, pt, sk, what=what), make_call,
+                 steps=range(3))
+
+
+def wrapper_replay_check(q, k, v, idx, pt, sk, b, k_ref, v_ref):
+    """``replay_check`` of ``SparseDecodePagedAttentionWrapper.run(out=, lse=)`` (planned once with
+    ``enable_cuda_graph``) on the caches k / v; ``k_ref`` / ``v_ref``: their float values for the reference."""
+    w = plan_decode(pt, sk, 1, idx, q.shape[1], k_ref.shape[1], enable_cuda_graph=True)
+    out = torch.empty_like(q)
+    lse = torch.empty(q.shape[:2], dtype=torch.float32, device="cuda")
+    replay_check(lambda: w.run(q, k, v, return_softmax_lse=True, out=out, lse=lse), q, k_ref, v_ref, idx, pt, sk, b)
 
 
 @requires_cuda
 @pytest.mark.parametrize("b", [1, 8])
 def test_gpu_cuda_graph_functional(b):
     q, k, v, idx, pt, sk = _gpu_problem(b, 16384)
-    _replay_check(lambda: run_official(q, k, v, idx, pt, sk, 1, max_seqlen_k=16384), q, k, v, idx, pt, sk, b)
+    replay_check(lambda: run_official(q, k, v, idx, pt, sk, 1, max_seqlen_k=16384), q, k, v, idx, pt, sk, b)
 
 
 @requires_cuda
 @pytest.mark.parametrize("b", [1, 8])
 def test_gpu_cuda_graph_wrapper(b):
     q, k, v, idx, pt, sk = _gpu_problem(b, 16384)
-    w = _plan(pt, sk, 1, idx, q.shape[1], k.shape[1], enable_cuda_graph=True)
-    out = torch.empty_like(q)
-    lse = torch.empty(q.shape[:2], dtype=torch.float32, device="cuda")
-    _replay_check(lambda: w.run(q, k, v, return_softmax_lse=True, out=out, lse=lse), q, k, v, idx, pt, sk, b)
+    wrapper_replay_check(q, k, v, idx, pt, sk, b, k, v)
 
 
 @requires_cuda
 def test_gpu_wrapper_out_lse_bitwise():
     q, k, v, idx, pt, sk = _gpu_problem(8, 32768)
-    w = _plan(pt, sk, 1, idx, 64, 4)
+    w = plan_decode(pt, sk, 1, idx, 64, 4)
     out_f, lse_f = run_official(q, k, v, idx, pt, sk, 1)
     out_w, lse_w = w.run(q, k, v, return_softmax_lse=True)
     assert torch.equal(out_f, out_w) and torch.equal(lse_f, lse_w)
 
 
-def test_fuzz_small(device):
-    """Random small configurations (G, seqlen_q, causal, topK, lengths, split counts) vs the reference."""
-    gen = torch.Generator().manual_seed(1234)
-    for trial in range(6):
-        r = lambda lo, hi: int(torch.randint(lo, hi + 1, (1,), generator=gen))  # noqa: E731
+def fuzz_configs(seed, trials, *, max_topk, max_len, max_batch, max_split):
+    """``trials`` random small decode configurations from a generator seeded with ``seed``: namespaces with
+    ``g`` (GQA ratio), ``hkv``, ``sq`` (seqlen_q, 1..3), ``topk`` (1..max_topk), ``lens`` (1..max_batch KV lengths
+    in [0, max_len]), ``causal`` and ``split`` (``fixed_split_size``, 1..max_split)."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def r(lo, hi):
+        return int(torch.randint(lo, hi + 1, (1,), generator=gen))
+
+    for _ in range(trials):
         g = [1, 2, 4, 8, 16][r(0, 4)]
         hkv = r(1, 2)
         sq = r(1, 3)
-        topk = r(1, 7)
-        lens = [r(0, 700) for _ in range(r(1, 3))]
+        topk = r(1, max_topk)
+        lens = [r(0, max_len) for _ in range(r(1, max_batch))]
         causal = bool(r(0, 1))
-        q, k, v, idx, pt, sk = make_problem(lens, hkv=hkv, g=g, sq=sq, topk=topk, device=device,
+        yield SimpleNamespace(g=g, hkv=hkv, sq=sq, topk=topk, lens=lens, causal=causal, split=r(1, max_split))
+
+
+def test_fuzz_small(device):
+    """Random small configurations (G, seqlen_q, causal, topK, lengths, split counts) vs the reference."""
+    for trial, c in enumerate(fuzz_configs(1234, 6, max_topk=7, max_len=700, max_batch=3, max_split=3)):
+        q, k, v, idx, pt, sk = make_problem(c.lens, hkv=c.hkv, g=c.g, sq=c.sq, topk=c.topk, device=device,
                                             ids="dense" if trial == 5 else "messy", strided=bool(trial % 2))
-        w = msa.SparseDecodePagedAttentionWrapper(causal=causal).plan(
-            page_table=pt, seqused_k=sk, seqlen_q=sq, max_seqlen_k=max(1, max(lens)), q2k_indices=idx,
-            num_qo_heads=hkv * g, num_kv_heads=hkv, fixed_split_size=r(1, 3))
+        w = plan_decode(pt, sk, c.sq, idx, c.hkv * c.g, c.hkv, causal=c.causal, fixed_split_size=c.split)
         out, lse = w.run(q, k, v, return_softmax_lse=True)
-        check(out, lse, q, k, v, idx, pt, sk, sq, causal=causal)
+        check(out, lse, q, k, v, idx, pt, sk, c.sq, causal=c.causal)

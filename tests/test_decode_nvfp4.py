@@ -20,7 +20,8 @@ import torch
 
 from .helpers import assert_close_attn, assert_lse_close, msa, poison_like, requires_cuda
 from .reference import paged_decode_ref
-from .test_decode import _gpu_problem, make_problem, sparse_ref_compact
+from .test_decode import (_gpu_problem, check_compact, fuzz_configs, gpu_generic_cases, make_problem, plan_decode,
+                          replay_check, rewrite_plan_inputs, wrapper_replay_check)
 
 FP8 = torch.float8_e4m3fn
 D = 128
@@ -214,9 +215,7 @@ def test_prefetch_modes(device, monkeypatch, pf):
         torch.testing.assert_close(out, ref[0], atol=ot, rtol=0)
         torch.testing.assert_close(lse, ref[1], atol=lt, rtol=0)
         # one program per unit: the whole top-k list in one chunk (prefetch crosses every tile)
-        w = msa.SparseDecodePagedAttentionWrapper().plan(page_table=pt, seqused_k=sk, seqlen_q=1, max_seqlen_k=520,
-                                                        q2k_indices=idx, num_qo_heads=4, num_kv_heads=1,
-                                                        disable_split_kv=True)
+        w = plan_decode(pt, sk, 1, idx, 4, 1, disable_split_kv=True)
         out2 = w.run(q, qk, qv)
         check_fp4(out2, None, q, qk, qv, idx, pt, sk, 1)
 
@@ -250,8 +249,7 @@ def test_split_and_non_split_plans(device):
     assert p.num_splits > 1, p  # the interpreter's SM count makes small problems split
     ref = None
     for kw in ({}, {"disable_split_kv": True}, {"fixed_split_size": 1}):
-        w = msa.SparseDecodePagedAttentionWrapper().plan(page_table=pt, seqused_k=sk, seqlen_q=1, max_seqlen_k=520,
-                                                        q2k_indices=idx, num_qo_heads=8, num_kv_heads=1, **kw)
+        w = plan_decode(pt, sk, 1, idx, 8, 1, **kw)
         out = poison_like(torch.empty(q.shape, dtype=q.dtype, device=device))
         lse = poison_like(torch.empty(q.shape[:2], dtype=torch.float32, device=device))
         w.run(q, qk, qv, return_softmax_lse=True, out=out, lse=lse)
@@ -350,24 +348,14 @@ def test_bf16_q(device):
 
 def test_fuzz_small(device):
     """Random small configurations (G, Hkv, seqlen_q up to 3 incl. M tiles, causal, topK, lengths, splits)."""
-    gen = torch.Generator().manual_seed(4321)
-    for trial in range(3):
-        r = lambda lo, hi: int(torch.randint(lo, hi + 1, (1,), generator=gen))  # noqa: E731
-        g = [1, 2, 4, 8, 16][r(0, 4)]
-        hkv = r(1, 2)
-        sq = r(1, 3)
-        topk = r(1, 4)
-        lens = [r(0, 400) for _ in range(r(1, 2))]
-        causal = bool(r(0, 1))
-        q, qk, qv, idx, pt, sk = nvfp4_problem(lens, hkv=hkv, g=g, sq=sq, topk=topk, device=device,
+    for trial, c in enumerate(fuzz_configs(4321, 3, max_topk=4, max_len=400, max_batch=2, max_split=2)):
+        q, qk, qv, idx, pt, sk = nvfp4_problem(c.lens, hkv=c.hkv, g=c.g, sq=c.sq, topk=c.topk, device=device,
                                                ids="dense" if trial == 2 else "messy")
-        w = msa.SparseDecodePagedAttentionWrapper(causal=causal).plan(
-            page_table=pt, seqused_k=sk, seqlen_q=sq, max_seqlen_k=max(1, max(lens)), q2k_indices=idx,
-            num_qo_heads=hkv * g, num_kv_heads=hkv, fixed_split_size=r(1, 2))
+        w = plan_decode(pt, sk, c.sq, idx, c.hkv * c.g, c.hkv, causal=c.causal, fixed_split_size=c.split)
         out = poison_like(torch.empty(q.shape, dtype=q.dtype, device=device))
         lse = poison_like(torch.empty(q.shape[:2], dtype=torch.float32, device=device))
         w.run(q, qk, qv, return_softmax_lse=True, out=out, lse=lse)
-        check_fp4(out, lse, q, qk, qv, idx, pt, sk, sq, causal=causal)
+        check_fp4(out, lse, q, qk, qv, idx, pt, sk, c.sq, causal=c.causal)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -378,8 +366,7 @@ def test_fuzz_small(device):
 @pytest.mark.kernels_ci
 def test_wrapper_matches_functional(device):
     q, qk, qv, idx, pt, sk = nvfp4_problem([300, 130, 1], hkv=2, g=2, topk=3, device=device)
-    w = msa.SparseDecodePagedAttentionWrapper().plan(page_table=pt, seqused_k=sk, seqlen_q=1, max_seqlen_k=300,
-                                                    q2k_indices=idx, num_qo_heads=4, num_kv_heads=2)
+    w = plan_decode(pt, sk, 1, idx, 4, 2)
     out_f, lse_f = run_fp4(q, qk, qv, idx, pt, sk, 1)
     out = poison_like(torch.empty_like(out_f))
     lse = poison_like(torch.empty_like(lse_f))
@@ -394,8 +381,7 @@ def test_wrapper_matches_functional(device):
     kb = msa.dequantize_nvfp4_128x4_to_bf16(qk).to(torch.float16)
     vb = msa.dequantize_nvfp4_128x4_to_bf16(qv).to(torch.float16)
     torch.testing.assert_close(w.run(q, kb, vb).float(), out_f.float(), atol=2e-2, rtol=2e-2)
-    wd = msa.SparseDecodePagedAttentionWrapper().plan(page_table=pt, seqused_k=sk, seqlen_q=1, max_seqlen_k=300,
-                                                     num_qo_heads=4, num_kv_heads=2)
+    wd = plan_decode(pt, sk, 1, None, 4, 2)
     out_d, lse_d = wd.run(q, qk, qv, return_softmax_lse=True)
     check_fp4(out_d, lse_d, q, qk, qv, None, pt, sk, 1)
 
@@ -403,12 +389,9 @@ def test_wrapper_matches_functional(device):
 def test_wrapper_reference_semantics(device):
     """plan stores references: in-place updates of page table, lengths and ids are seen by the next run."""
     q, qk, qv, idx, pt, sk = nvfp4_problem([300, 400], hkv=1, g=4, topk=3, device=device)
-    w = msa.SparseDecodePagedAttentionWrapper().plan(page_table=pt, seqused_k=sk, seqlen_q=1, max_seqlen_k=400,
-                                                    q2k_indices=idx, num_qo_heads=4, num_kv_heads=1)
+    w = plan_decode(pt, sk, 1, idx, 4, 1)
     w.run(q, qk, qv)
-    sk.copy_(torch.tensor([380, 200], dtype=torch.int32))
-    pt.copy_(pt.flip(1))
-    idx.copy_(torch.randint(-1, 6, idx.shape, dtype=torch.int32))
+    rewrite_plan_inputs(pt, sk, idx, [380, 200])
     out, lse = w.run(q, qk, qv, return_softmax_lse=True)
     check_fp4(out, lse, q, qk, qv, idx, pt, sk, 1)
 
@@ -473,8 +456,7 @@ def test_errors(device):
         with pytest.raises(exc, match=msg):
             call(**kw)
     # wrapper: same rules in run()
-    w = msa.SparseDecodePagedAttentionWrapper().plan(page_table=pt, seqused_k=sk, seqlen_q=1, max_seqlen_k=300,
-                                                    q2k_indices=idx, num_qo_heads=8, num_kv_heads=2)
+    w = plan_decode(pt, sk, 1, idx, 8, 2)
     with pytest.raises(ValueError, match="k_scale_128x4"):
         w.run(q, kdat, vdat, v_scale_128x4=vs)
     with pytest.raises(ValueError, match="k_scale_128x4"):
@@ -512,8 +494,7 @@ def test_opcheck(device):
     ks, vs = qk.scale_128x4.reshape(-1), qv.scale_128x4.reshape(-1)
     opcheck(dec._sparse_decode_fwd, (q, qk.data, qv.data, idx, pt, sk, None, None, 0, 128, 1, True, D ** -0.5, 3, True,
                                      ks, vs, qk.global_scale, None))
-    w = msa.SparseDecodePagedAttentionWrapper().plan(page_table=pt, seqused_k=sk, seqlen_q=1, max_seqlen_k=130,
-                                                    q2k_indices=idx, num_qo_heads=2, num_kv_heads=1)
+    w = plan_decode(pt, sk, 1, idx, 2, 1)
     out = torch.empty_like(q)
     lse = torch.empty(q.shape[0], q.shape[1], dtype=torch.float32, device=device)
     opcheck(dec._sparse_decode_fwd_out, (q, qk.data, qv.data, idx, pt, sk, out, lse, w.O_partial, w._ml_partial,
@@ -561,28 +542,17 @@ def test_gpu_m3(b, q_dtype):
     q = q.to(q_dtype)
     out, lse = run_fp4(q, qk, qv, idx, pt, sk, 1, max_seqlen_k=32768)
     assert out.dtype == torch.bfloat16
-    o_ref, lse_ref = sparse_ref_compact(q.float() if q_dtype == FP8 else q, kd, vd, idx, pt, sk, 1)
-    assert_close_attn(out, o_ref)
-    assert_lse_close(lse, lse_ref)
+    check_compact(out, lse, q.float() if q_dtype == FP8 else q, kd, vd, idx, pt, sk)
     check_vs_native(out, lse, q, qk, qv, idx, pt, sk, 1)
 
 
 @requires_cuda
 def test_gpu_generic_cases():
-    dev = torch.device("cuda")
-    for g in (1, 2, 4, 8, 16):
-        q, qk, qv, idx, pt, sk = nvfp4_problem([300, 4096, 1, 2000, 0], hkv=2, g=g, topk=8,
-                                               q_dtype=torch.bfloat16, device=dev)
-        out, lse = run_fp4(q, qk, qv, idx, pt, sk, 1)
-        check_fp4(out, lse, q, qk, qv, idx, pt, sk, 1)
-    for causal in (True, False):
-        q, qk, qv, idx, pt, sk = nvfp4_problem([3, 4096, 700], hkv=4, g=16, sq=4, topk=16, q_dtype=torch.bfloat16,
-                                               device=dev)
-        out, lse = run_fp4(q, qk, qv, idx, pt, sk, 4, causal=causal)
-        check_fp4(out, lse, q, qk, qv, idx, pt, sk, 4, causal=causal)
-    q, qk, qv, _, pt, sk = nvfp4_problem([70000, 30], hkv=4, g=16, q_dtype=torch.bfloat16, device=dev, ids="dense")
-    out, lse = run_fp4(q, qk, qv, None, pt, sk, 1, kg=None)
-    check_fp4(out, lse, q, qk, qv, None, pt, sk, 1, kg=None)
+    for lens, kw, sq, causal in gpu_generic_cases(empty_request=True):
+        q, qk, qv, idx, pt, sk = nvfp4_problem(lens, q_dtype=torch.bfloat16, device=torch.device("cuda"), **kw)
+        kg = None if kw.get("ids") == "dense" else "own"  # the dense case also runs without a K global scale
+        out, lse = run_fp4(q, qk, qv, idx, pt, sk, sq, causal=causal, kg=kg)
+        check_fp4(out, lse, q, qk, qv, idx, pt, sk, sq, causal=causal, kg=kg)
 
 
 @requires_cuda
@@ -624,51 +594,17 @@ def test_gpu_deterministic(b):
         assert torch.equal(o, outs[0][0]) and torch.equal(l, outs[0][1])
 
 
-def _replay_check_fp4(make_call, q, qk, qv, kd, vd, idx, pt, sk, b):
-    """Warm up, capture, then change page table / lengths / ids / q in place and replay."""
-    make_call()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        res = make_call()
-    for step in range(3):
-        new = _gpu_problem(b, 8192 + 4096 * step)
-        maxp = new[4].shape[1]
-        pt.zero_()
-        pt[:, :maxp].copy_(new[4] % qk.data.shape[0])
-        sk.copy_(new[5])
-        idx.copy_(new[3])
-        q.copy_(new[0])
-        poison_like(res[0])
-        poison_like(res[1])
-        graph.replay()
-        torch.cuda.synchronize()
-        out, lse = res
-        o_ref, lse_ref = sparse_ref_compact(q, kd, vd, idx, pt, sk, 1)
-        assert_close_attn(out, o_ref, what=f"replay {step}")
-        assert_lse_close(lse, lse_ref)
-        eager = make_call()
-        assert torch.equal(eager[0], out) and torch.equal(eager[1], lse)
-
-
 @requires_cuda
 @pytest.mark.parametrize("b", [1, 8])
 def test_gpu_cuda_graph_wrapper(b):
     q, qk, qv, idx, pt, sk, kd, vd = _gpu_fp4(b, 16384)
-    w = msa.SparseDecodePagedAttentionWrapper().plan(page_table=pt, seqused_k=sk, seqlen_q=1, max_seqlen_k=16384,
-                                                    q2k_indices=idx, num_qo_heads=q.shape[1], num_kv_heads=4,
-                                                    enable_cuda_graph=True)
-    out = torch.empty_like(q)
-    lse = torch.empty(q.shape[:2], dtype=torch.float32, device="cuda")
-    _replay_check_fp4(lambda: w.run(q, qk, qv, return_softmax_lse=True, out=out, lse=lse), q, qk, qv, kd, vd, idx,
-                      pt, sk, b)
+    wrapper_replay_check(q, qk, qv, idx, pt, sk, b, kd, vd)
 
 
 @requires_cuda
 def test_gpu_cuda_graph_functional():
     q, qk, qv, idx, pt, sk, kd, vd = _gpu_fp4(8, 16384)
-    _replay_check_fp4(lambda: run_fp4(q, qk, qv, idx, pt, sk, 1, max_seqlen_k=16384), q, qk, qv, kd, vd, idx, pt,
-                      sk, 8)
+    replay_check(lambda: run_fp4(q, qk, qv, idx, pt, sk, 1, max_seqlen_k=16384), q, kd, vd, idx, pt, sk, 8)
 
 
 @requires_cuda

@@ -164,13 +164,20 @@ def test_decode_indexer_max_seqlen_below_lengths(device, init_blocks, local_bloc
             assert torch.equal(idx.cpu(), want), (max_seqlen, sl.dtype)
 
 
-def test_decode_indexer_fast_check_agrees(device):
-    """The eager fast check accepts only what the full validation accepts (and the common call)."""
+def _tiny_indexer_args(device):
+    """A valid small decode-indexer call: q [2, 4, 64] fp16, index-K cache [32, 2, 64], req_to_token [2, 32]
+    (zeros), seq_lens [5, 9], slot_ids [0, 1]."""
     q = torch.randn(2, 4, 64, dtype=torch.float16, device=device)
     kc = torch.randn(32, 2, 64, dtype=torch.float16, device=device)
     r2t = torch.zeros(2, 32, dtype=torch.int32, device=device)
     sl = torch.tensor([5, 9], dtype=torch.int32, device=device)
     si = torch.tensor([0, 1], dtype=torch.int32, device=device)
+    return q, kc, r2t, sl, si
+
+
+def test_decode_indexer_fast_check_agrees(device):
+    """The eager fast check accepts only what the full validation accepts (and the common call)."""
+    q, kc, r2t, sl, si = _tiny_indexer_args(device)
     base = dict(q=q, sink=None, k_cache=kc, v_cache=None, req_to_token=r2t, seq_lens=sl, max_seqlen=32, slot_ids=si,
                 block_size=16, topk=2, init_blocks=1, local_blocks=1, score_type="max", disable_index_value=True)
     assert ix._decode_indexer_fast_ok(**base)
@@ -197,11 +204,7 @@ def test_decode_indexer_fast_check_agrees(device):
 
 
 def test_decode_indexer_errors(device):
-    q = torch.randn(2, 4, 64, dtype=torch.float16, device=device)
-    kc = torch.randn(32, 2, 64, dtype=torch.float16, device=device)
-    r2t = torch.zeros(2, 32, dtype=torch.int32, device=device)
-    sl = torch.tensor([5, 9], dtype=torch.int32, device=device)
-    si = torch.tensor([0, 1], dtype=torch.int32, device=device)
+    q, kc, r2t, sl, si = _tiny_indexer_args(device)
     args = [q, None, kc, None, r2t, sl, 32, si, 16, 2, 0, 1]
     flash_decode_with_topk_idx(*args, disable_index_value=True)
     with pytest.raises(ValueError):

@@ -70,6 +70,15 @@ def check_host_int(name: str, value, *, allow_none: bool = False):
     return value
 
 
+def check_int_at_least(name: str, value, minimum: int = 0) -> int:
+    """A host ``int`` >= ``minimum``: TypeError if not an int, ValueError ``"<name> must be >= <minimum>, got
+    <value>"`` below it. Returns it."""
+    check_host_int(name, value)
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
 def check_positive_int(name: str, value, *, minimum: int = 1, maximum: Optional[int] = None) -> int:
     """A host ``int`` in ``[minimum, maximum]``."""
     check_host_int(name, value)

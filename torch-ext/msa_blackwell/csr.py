@@ -16,7 +16,7 @@ import torch
 
 from ._common import KV_BLOCK
 from ._registry import add_op_namespace_prefix
-from ._validate import check_devices, check_host_int, check_tensor, interpreter_active
+from ._validate import check_devices, check_host_int, check_int_at_least, check_tensor, interpreter_active
 from .csr_kernel import build_torch as _build_torch, build_triton as _build_triton, invert_csr_slots, slot_capacity
 from .errors import MsaUnsupportedError
 
@@ -110,12 +110,8 @@ def build_k2q_csr(q2k_indices, cu_seqlens_q, cu_seqlens_k, kv_block_size, *, tot
     """
     if total_k is None:
         raise ValueError("build_k2q_csr requires total_k from k.shape[0]")
-    total_k = check_host_int("total_k", total_k)
-    if total_k < 0:
-        raise ValueError(f"total_k must be >= 0, got {total_k}")
-    kv_block_size = check_host_int("kv_block_size", kv_block_size)
-    if kv_block_size <= 0:
-        raise ValueError(f"kv_block_size must be positive, got {kv_block_size}")
+    total_k = check_int_at_least("total_k", total_k)
+    kv_block_size = check_int_at_least("kv_block_size", kv_block_size, 1)
     if kv_block_size != KV_BLOCK:
         raise MsaUnsupportedError(f"kv_block_size={kv_block_size} is not supported; only 128")
     check_tensor("q2k_indices", q2k_indices, dtypes=(torch.int32,))
@@ -130,12 +126,8 @@ def build_k2q_csr(q2k_indices, cu_seqlens_q, cu_seqlens_k, kv_block_size, *, tot
     max_seqlen_q = check_host_int("max_seqlen_q", max_seqlen_q, allow_none=True)
     if total_rows is None:
         total_rows = default_total_rows(total_k, batch)
-    total_rows = check_host_int("total_rows", total_rows)
-    if total_rows < 0:
-        raise ValueError(f"total_rows must be >= 0, got {total_rows}")
-    qhead_per_kv = check_host_int("qhead_per_kv", qhead_per_kv)
-    if qhead_per_kv <= 0:
-        raise ValueError(f"qhead_per_kv must be > 0, got {qhead_per_kv}")
+    total_rows = check_int_at_least("total_rows", total_rows)
+    qhead_per_kv = check_int_at_least("qhead_per_kv", qhead_per_kv, 1)
     if return_schedule and (max_seqlen_k is None or max_seqlen_q is None):
         raise ValueError("return_schedule=True requires max_seqlen_k and max_seqlen_q")
     dev = q2k_indices.device

@@ -51,17 +51,28 @@ def bsearch_iters(n: int) -> int:
 
 
 @triton.jit
+def _probe(cu_ptr, lo, hi):
+    """One bisection probe over ``cu[lo..hi]``: ``(act, mid, cu[mid])``: ``act`` where the search is still open
+    (``lo < hi``), the upper-middle index ``mid = (lo + hi + 1) // 2`` and its boundary (0 where closed)."""
+    act = lo < hi
+    mid = (lo + hi + 1) // 2
+    return act, mid, tl.load(cu_ptr + mid, mask=act, other=0)
+
+
+@triton.jit
+def _turn(lo, hi, act, mid, right):
+    """The bisection step after a probe: ``lo = mid`` where open and ``right``, ``hi = mid - 1`` where open and not."""
+    return tl.where(act & right, mid, lo), tl.where(act & (~right), mid - 1, hi)
+
+
+@triton.jit
 def _find_request(cu_ptr, t, B, niter):
     """Vectorised: ``b = #{b' in [1, B] : cu[b'] <= t}`` (the request of token ``t`` for monotone cu)."""
     lo = t * 0
     hi = lo + B
     for _ in range(niter):
-        act = lo < hi
-        mid = (lo + hi + 1) // 2
-        c = tl.load(cu_ptr + mid, mask=act, other=0)
-        ok = c <= t
-        lo = tl.where(act & ok, mid, lo)
-        hi = tl.where(act & (~ok), mid - 1, hi)
+        act, mid, c = _probe(cu_ptr, lo, hi)
+        lo, hi = _turn(lo, hi, act, mid, c <= t)
     return lo
 
 
@@ -98,17 +109,14 @@ def _request_window(cuq_ptr, b, B, niter):
     hmin = lo + POS  # min of cu[mid] over the probes where it turns left (t < cu[mid] needed)
     ws = lo + POS
     for _ in range(niter):
-        act = lo < hi
-        mid = (lo + hi + 1) // 2
-        c = tl.load(cuq_ptr + mid, mask=act, other=0)
+        act, mid, c = _probe(cuq_ptr, lo, hi)
         right = mid <= b
         left = act & (~right)
         # a row that goes right here (t >= c, after the right turns so far) ends at a request > b
         ws = tl.where(left, tl.minimum(ws, tl.maximum(maxr, c)), ws)
         maxr = tl.where(act & right, tl.maximum(maxr, c), maxr)
         hmin = tl.where(left, tl.minimum(hmin, c), hmin)
-        lo = tl.where(act & right, mid, lo)
-        hi = tl.where(left, mid - 1, hi)
+        lo, hi = _turn(lo, hi, act, mid, right)
     ws = tl.minimum(ws, maxr)
     real = b < B
     bc = tl.minimum(b, B - 1)

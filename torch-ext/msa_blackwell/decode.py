@@ -296,23 +296,38 @@ def _validate_blk_kv(blk_kv):
         raise MsaUnsupportedError(f"blk_kv={blk_kv} is not supported; only {BLK_KV}")
 
 
-def _validate_official(q, k, v, q2k_indices, page_table, seqused_k, seqlen_q, max_seqlen_k, blk_kv):
-    check_tensor("q", q, ndim=3)
+def _validate_paged_kv(k, v):
+    """k / v: 4-D paged caches of one shape ``[P, Hkv, page, last]``."""
     check_tensor("k", k, ndim=4)
     check_tensor("v", v, ndim=4)
     if tuple(k.shape) != tuple(v.shape):
         raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
-    check_head_dim("q", q.shape[2], (HEAD_DIM,))
-    check_head_dim("k", k.shape[3], (HEAD_DIM,))
+
+
+def _validate_page_size(k, blk_kv):
+    """``blk_kv`` is the supported page size and the pages of ``k`` have it."""
     _validate_blk_kv(blk_kv)
     if k.shape[2] != blk_kv:
         raise ValueError(f"k.shape[2] (page size {k.shape[2]}) must equal blk_kv={blk_kv}")
-    attention_out_dtype(q, k, v)
+
+
+def _validate_rows(q, hkv, q2k_indices, page_table, seqused_k, seqlen_q, max_seqlen_k):
+    """Paged metadata, ``q`` rows = B * seqlen_q, the GQA ratio and the index tensor ``[Hkv, B*seqlen_q, topK]``."""
     b = _validate_paged_meta(page_table, seqused_k, seqlen_q, max_seqlen_k)
     if q.shape[0] != b * seqlen_q:
         raise ValueError(f"q.shape[0] ({q.shape[0]}) must equal B*seqlen_q = {b}*{seqlen_q}")
-    check_gqa(q.shape[1], k.shape[1])
-    _validate_q2k(q2k_indices, k.shape[1], q.shape[0])
+    check_gqa(q.shape[1], hkv)
+    _validate_q2k(q2k_indices, hkv, q.shape[0])
+
+
+def _validate_official(q, k, v, q2k_indices, page_table, seqused_k, seqlen_q, max_seqlen_k, blk_kv):
+    check_tensor("q", q, ndim=3)
+    _validate_paged_kv(k, v)
+    check_head_dim("q", q.shape[2], (HEAD_DIM,))
+    check_head_dim("k", k.shape[3], (HEAD_DIM,))
+    _validate_page_size(k, blk_kv)
+    attention_out_dtype(q, k, v)
+    _validate_rows(q, k.shape[1], q2k_indices, page_table, seqused_k, seqlen_q, max_seqlen_k)
     check_devices([("q", q), ("k", k), ("v", v), ("q2k_indices", q2k_indices), ("page_table", page_table),
                    ("seqused_k", seqused_k)])
 
@@ -380,26 +395,17 @@ def _validate_nvfp4(q, k, v, fp4, q2k_indices, page_table, seqused_k, seqlen_q, 
     check_tensor("q", q, ndim=3)
     check_tensor("q", q, dtypes=_NVFP4_Q_DTYPES)
     check_head_dim("q", q.shape[2], (HEAD_DIM,))
-    check_tensor("k", k, ndim=4)
-    check_tensor("v", v, ndim=4)
-    if tuple(k.shape) != tuple(v.shape):
-        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    _validate_paged_kv(k, v)
     if k.shape[3] != NVFP4_PACKED_DIM:
         raise ValueError(f"packed NVFP4 k/v: last dim must be {NVFP4_PACKED_DIM} bytes (head dim {HEAD_DIM}), "
                          f"got {k.shape[3]}")
-    _validate_blk_kv(blk_kv)
-    if k.shape[2] != blk_kv:
-        raise ValueError(f"k.shape[2] (page size {k.shape[2]}) must equal blk_kv={blk_kv}")
+    _validate_page_size(k, blk_kv)
     rows = k.shape[0] * k.shape[1] * k.shape[2]
     _check_nvfp4_scale("k_scale_128x4", k_scale, rows)
     _check_nvfp4_scale("v_scale_128x4", v_scale, rows)
     _check_nvfp4_global("k_global_scale", k_global)
     _check_nvfp4_global("v_global_scale", v_global)
-    b = _validate_paged_meta(page_table, seqused_k, seqlen_q, max_seqlen_k)
-    if q.shape[0] != b * seqlen_q:
-        raise ValueError(f"q.shape[0] ({q.shape[0]}) must equal B*seqlen_q = {b}*{seqlen_q}")
-    check_gqa(q.shape[1], k.shape[1])
-    _validate_q2k(q2k_indices, k.shape[1], q.shape[0])
+    _validate_rows(q, k.shape[1], q2k_indices, page_table, seqused_k, seqlen_q, max_seqlen_k)
     check_devices([("q", q), ("k", k), ("v", v), ("k_scale_128x4", k_scale), ("v_scale_128x4", v_scale),
                    ("k_global_scale", k_global), ("v_global_scale", v_global), ("q2k_indices", q2k_indices),
                    ("page_table", page_table), ("seqused_k", seqused_k)])

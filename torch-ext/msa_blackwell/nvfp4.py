@@ -31,15 +31,9 @@ from ._validate import check_devices, check_host_index, check_tensor
 # Names other modules still import from here (their owners move them to ``_common`` / ``nvfp4_tile``).
 from .nvfp4_tile import e2m1_code_to_f32 as _e2m1_code_to_f32, e4m3_code_to_f32 as _e4m3_code_to_f32  # noqa: F401
 
-__all__ = [
-    "Nvfp4QuantizedTensor",
-    "quantize_bf16_to_nvfp4_128x4",
-    "quantize_kv_bf16_to_nvfp4_128x4",
-    "dequantize_nvfp4_128x4_to_bf16",
-    "swizzle_nvfp4_scale_to_128x4",
-    "nvfp4_global_scale_from_amax",
-    "native_nvfp4_dequant_swizzled_to_bf16",
-]
+__all__ = ["Nvfp4QuantizedTensor", "quantize_bf16_to_nvfp4_128x4", "quantize_kv_bf16_to_nvfp4_128x4",
+           "dequantize_nvfp4_128x4_to_bf16", "swizzle_nvfp4_scale_to_128x4", "nvfp4_global_scale_from_amax",
+           "native_nvfp4_dequant_swizzled_to_bf16"]
 
 FP4_MAX = 6.0
 FP8_E4M3_MAX = 448.0

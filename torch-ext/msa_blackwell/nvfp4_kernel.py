@@ -82,6 +82,19 @@ def _tile_rows(row0, lr, n1, n2, s0, s1, s2, ROWS: tl.constexpr):
 
 
 @triton.jit
+def _pair_program(PAIR: tl.constexpr):
+    """``(pid, G, p, is_y)``: the program id, programs per tensor ``G``, this program's index ``p`` among its
+    tensor's programs, and whether that tensor is ``y`` (``PAIR``: programs ``[G, 2G)`` take ``y``; else none)."""
+    pid = tl.program_id(0)
+    if PAIR:
+        G = tl.num_programs(0) // 2
+    else:
+        G = tl.num_programs(0)
+    is_y = pid >= G
+    return pid, G, tl.where(is_y, pid - G, pid), is_y
+
+
+@triton.jit
 def _nvfp4_amax_kernel(x_ptr, y_ptr, part_ptr, R, D, n_tiles, n_ct, n1, n2, s0, s1, s2, sD,
                        BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, ROWS: tl.constexpr, STAGES: tl.constexpr,
                        PAIR: tl.constexpr):
@@ -92,15 +105,9 @@ def _nvfp4_amax_kernel(x_ptr, y_ptr, part_ptr, R, D, n_tiles, n_ct, n1, n2, s0, 
     the quantise pass starts (L2 hits). ``PAIR``: programs ``[G, 2G)`` do the same for ``y`` (same shape and
     strides as ``x``). ``ROWS``: see ``_tile_rows``.
     """
-    pid = tl.program_id(0)
+    pid, G, p, is_y = _pair_program(PAIR)
     if PAIR:
-        G = tl.num_programs(0) // 2
-        is_y = pid >= G
-        p = tl.where(is_y, pid - G, pid)
         x_ptr = tl.where(is_y, y_ptr, x_ptr)
-    else:
-        G = tl.num_programs(0)
-        p = pid
     rr = tl.arange(0, BLOCK_R)
     cc = tl.arange(0, BLOCK_D)
     acc = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
@@ -184,19 +191,13 @@ def _nvfp4_quant_kernel(x_ptr, y_ptr, part_ptr, n_parts, data_ptr, data_y_ptr, s
       with the partials ``[n_parts, 2 n_parts)``.
     Rows ``>= R`` / groups ``>= C`` read as zero, so their scale bytes (the swizzle padding) are 0.
     """
-    pid = tl.program_id(0)
+    pid, G, p, is_y = _pair_program(PAIR)
     if PAIR:
-        G = tl.num_programs(0) // 2
-        is_y = pid >= G
-        p = tl.where(is_y, pid - G, pid)
         x_ptr = tl.where(is_y, y_ptr, x_ptr)
         part_ptr = part_ptr + tl.where(is_y, n_parts, 0)
         data_ptr = tl.where(is_y, data_y_ptr, data_ptr)
         scale_ptr = tl.where(is_y, scale_y_ptr, scale_ptr)
         gs_ptr = tl.where(is_y, gs_y_ptr, gs_ptr)
-    else:
-        G = tl.num_programs(0)
-        p = pid
     pp = tl.arange(0, NP)
     amax = tl.max(tl.load(part_ptr + pp, mask=pp < n_parts, other=0.0), axis=0, keep_dims=True)  # [1]
     s_enc = tl.minimum(tl.math.div_rn(tl.full([1], 2688.0, tl.float32), amax), 3.4028234663852886e38)

@@ -10,7 +10,8 @@ kernel or imports the rest of the package.
 * ``paged_decode_ref`` / ``token_major_decode_ref``: ``sparse_decode_atten_func`` and
   ``flash_decode_with_gqa_share_sparse`` per request;
 * ``build_k2q_csr_ref`` / ``csr_block_mask`` / ``csr_rows_per_request`` / ``csr_level_row_map``: the CSR of
-  docs/API.md §5.3 in pure Python and its set semantics (§5.5).
+  docs/API.md §5.3 in pure Python and its set semantics (§5.5); ``csr_from_pairs``: its last step (row
+  counts, prefix sums, -1 padding) for any list of ``(row, i)`` entries.
 """
 
 import math
@@ -19,7 +20,7 @@ import torch
 
 __all__ = ["q2k_block_mask", "visible_from_blocks", "attention_ref", "gather_paged", "gather_token_major",
            "paged_decode_ref", "token_major_decode_ref", "csr_rows_per_request", "csr_level_row_map",
-           "build_k2q_csr_ref", "csr_block_mask"]
+           "csr_from_pairs", "build_k2q_csr_ref", "csr_block_mask"]
 
 
 def q2k_block_mask(idx: torch.Tensor, nb: int) -> torch.Tensor:
@@ -195,6 +196,24 @@ def csr_level_row_map(cu_k, block_size: int = 128):
     return row
 
 
+def csr_from_pairs(heads, total_rows: int, width: int):
+    """Per KV head, a list of ``(row, i)`` entries already in CSR order (rows ascending; ``0 <= row <
+    total_rows``) -> ``(row_ptr int32 [Hkv, total_rows + 1], q_indices int32 [Hkv, width])`` as CPU tensors:
+    row pointers are the prefix sums of the row counts, ``q_indices`` holds the ``i`` values, padded with -1."""
+    rps, qis = [], []
+    for pairs in heads:
+        rp = [0] * (total_rows + 1)
+        for r, _ in pairs:
+            rp[r + 1] += 1
+        for x in range(total_rows):
+            rp[x + 1] += rp[x]
+        rps.append(rp)
+        qis.append([i for _, i in pairs] + [-1] * (width - len(pairs)))
+    hkv = len(heads)
+    return (torch.tensor(rps, dtype=torch.int32).view(hkv, total_rows + 1),
+            torch.tensor(qis, dtype=torch.int32).view(hkv, width))
+
+
 def build_k2q_csr_ref(q2k, cu_q, cu_k, total_rows: int, max_kv_blocks: int, block_size: int = 128):
     """docs/API.md §5.3 steps 1-7 in pure Python.
 
@@ -211,7 +230,7 @@ def build_k2q_csr_ref(q2k, cu_q, cu_k, total_rows: int, max_kv_blocks: int, bloc
     R = csr_rows_per_request(cu_k, block_size)
     row = csr_level_row_map(cu_k, block_size)
     T = total_rows
-    rps, qis = [], []
+    heads = []
     for g in range(hkv):
         pairs = []
         for b in range(len(cu_q) - 1):
@@ -225,15 +244,8 @@ def build_k2q_csr_ref(q2k, cu_q, cu_k, total_rows: int, max_kv_blocks: int, bloc
                         continue
                     pairs.append((row[(b, j)], t - cu_q[b]))
         pairs.sort()
-        rp = [0] * (T + 1)
-        for rr, _ in pairs:
-            rp[rr + 1] += 1
-        for x in range(T):
-            rp[x + 1] += rp[x]
-        rps.append(rp)
-        qis.append([i for _, i in pairs] + [-1] * (total_q * topk - len(pairs)))
-    return (torch.tensor(rps, dtype=torch.int32).view(hkv, T + 1),
-            torch.tensor(qis, dtype=torch.int32).view(hkv, total_q * topk))
+        heads.append(pairs)
+    return csr_from_pairs(heads, T, total_q * topk)
 
 
 def csr_block_mask(row_ptr, q_idx, cu_q, cu_k, b: int, nb: int, block_size: int = 128) -> torch.Tensor:
