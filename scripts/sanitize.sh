@@ -74,6 +74,10 @@ SELECTIONS=("$@")
 FUZZ_PROFILE=${FUZZ_PROFILE:-medium}
 FUZZ_RACE_PROFILE=${FUZZ_RACE_PROFILE:-ci}
 GRAPH_REPLAYS=${GRAPH_REPLAYS:-200}
+# WARM=1 (default): each selection first runs without the tool (not counted in its limit), so the sanitized run
+# finds every Triton kernel compiled (compiling under memcheck alone can use a whole limit: the fuzz corpus reached
+# 0 examples in 110 s on an H100). The fuzz profiles ci / medium are derandomized: both runs draw the same examples.
+WARM=${WARM:-1}
 
 # name, then "<tool> <caching|nocache> <pytest args...>" (-k: tests with adversarial ids, lengths or tables)
 declare -A SEL
@@ -122,6 +126,12 @@ for name in "${SELECTIONS[@]}"; do
     extra=(--hypothesis-show-statistics)
   fi
   read -r -a topts <<<"${TOOL_OPTS[$tool]}"
+  warm=""
+  if [ "$WARM" = "1" ]; then  # same tests without the tool first: Triton's cache then holds every kernel they compile
+    tw=$(date +%s)
+    env "${envs[@]}" timeout -k 5 "$LIMIT" python3 -m pytest "${args[@]}" -q -p no:cacheprovider > "$log.warm" 2>&1
+    warm="warm-up $(( $(date +%s) - tw ))s: $(tail -1 "$log.warm" | cut -c1-80)"
+  fi
   t0=$(date +%s)
   env "${envs[@]}" timeout -k 15 "$LIMIT" "$CS" --tool "$tool" "${BASE_OPTS[@]}" "${topts[@]}" \
     python3 -m pytest "${args[@]}" -q -rfE --tb=short -p no:cacheprovider "${extra[@]}" > "$log" 2>&1
@@ -160,6 +170,7 @@ for name in "${SELECTIONS[@]}"; do
     wtxt=""; [ "$tool" = racecheck ] && wtxt=" (warnings: $nwarn)"
     echo "== $name [$tool, $mode]: $status; $tool errors: $nerr$wtxt; ${dt}s; pytest: ${pyres:-?}${examples:+; hypothesis: $examples}"
     echo "   cmd: ${envs[*]} pytest ${args[*]}"
+    [ -n "$warm" ] && echo "   $warm"
     grep -E "^(FAILED|ERROR) " "$log" | cut -c1-250 | head -10 | sed 's/^/   /'
     if [ "$nerr" -gt 0 ]; then
       grep -E -A4 "^========= (Invalid|Out-of-range|Misaligned|Hardware|Program hit|Error: Race|Race reported)" "$log" \
