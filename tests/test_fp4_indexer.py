@@ -341,7 +341,7 @@ def test_kv_chunk_plan_default(device):
 
 
 @pytest.mark.parametrize("G,Hkv,rows", [(1, 2, 32), (3, 2, 32), (4, 1, 32), (4, 1, 64), (8, 1, 32), (2, 3, 16),
-                                        (8, 2, 128)])
+                                        (8, 2, 128), (4, 1, 256)])  # 256 rows x 128 slots: the sm_90 entry
 def test_heads_sharing_a_page(device, G, Hkv, rows):
     """G Q heads per KV head folded into the MMA rows: head groups smaller than G (several programs per KV
     head), equal, and larger (G = 3 in a group of 4: one masked head)."""
