@@ -227,7 +227,7 @@ def block_scores(q: torch.Tensor, k_cache: torch.Tensor, req_to_token: torch.Ten
         # direct launch of the compiled kernel once this signature has run (lkey fixes every dtype, shape, stride,
         # host int and constexpr of the launch)
         _SCORE_LAUNCHER(grid, (q, k_cache, req_to_token, seq_lens, slot_ids, out) + args + (float(sm_scale),) + cx,
-                        key=lkey, num_warps=num_warps, num_stages=num_stages, launch_pdl=cx[-1])
+                        key=lkey, num_warps=num_warps, num_stages=num_stages, n_ptr=6, launch_pdl=cx[-1])
     elif mode == _MODE_NEG:
         out.fill_(float("-inf"))
     return out
