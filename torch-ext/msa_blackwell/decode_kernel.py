@@ -438,6 +438,34 @@ def _split_stats(MLPART, unit, offs_m, row_ok, BLOCK_M: tl.constexpr, NUM_SPLITS
 
 
 @triton.jit
+def _publish_partial(MLPART, COUNTER, unit, part, m_i, l_i, offs_m, row_ok, BLOCK_M: tl.constexpr,
+                     NUM_SPLITS: tl.constexpr):
+    """Store this split's row max / sum (after its O partial), then count the split in: True for the last
+    program of the unit (it then combines; acquire-release on the counter orders every split's stores)."""
+    tl.store(MLPART + part * (2 * BLOCK_M) + offs_m, m_i, mask=row_ok)
+    tl.store(MLPART + part * (2 * BLOCK_M) + BLOCK_M + offs_m, l_i, mask=row_ok)
+    tl.debug_barrier()  # every thread's partial stores precede the release below
+    done = tl.atomic_add(COUNTER + unit, 1, sem="acq_rel")
+    return done == NUM_SPLITS - 1
+
+
+@triton.jit
+def _combine_partials(OPART, MLPART, base, col0, offs_m, offs_c, row_ok, m_use, BLOCK_M: tl.constexpr,
+                      D: tl.constexpr, W: tl.constexpr, NUM_SPLITS: tl.constexpr):
+    """``sum_s O_s[:, col0 + offs_c] * 2^(m_s - m_use)`` over the unit's splits in fixed order (deterministic),
+    one ``[BLOCK_M, W]`` partial slice per step (independent loads, no 3-D tile); partials ``[BLOCK_M, D]``."""
+    acc = tl.zeros([BLOCK_M, W], tl.float32)
+    o_base = OPART + base * (BLOCK_M * D) + col0
+    ml_base = MLPART + base * (2 * BLOCK_M)
+    o_off = offs_m[:, None] * D + offs_c[None, :]
+    for s_i in tl.static_range(NUM_SPLITS):
+        mc = tl.load(ml_base + s_i * (2 * BLOCK_M) + offs_m, mask=row_ok, other=float("-inf"), cache_modifier=".cg")
+        oc = tl.load(o_base + s_i * (BLOCK_M * D) + o_off, mask=row_ok[:, None], other=0.0, cache_modifier=".cg")
+        acc += oc * tl.exp2(mc - m_use)[:, None]
+    return acc
+
+
+@triton.jit
 def msa_decode_kernel(
     Q, K, V, IDX, TABLE, LENS, SLOTS, SINK, OUT, LSE, OPART, MLPART, COUNTER,
     KSC, VSC, KGS, VGS,
@@ -667,24 +695,11 @@ def msa_decode_kernel(
         else:
             part = unit.to(tl.int64) * NUM_SPLITS + split
             tl.store(OPART + (part * BLOCK_M + offs_m[:, None]) * D + offs_d[None, :], acc, mask=row_ok[:, None])
-            tl.store(MLPART + part * (2 * BLOCK_M) + offs_m, m_i, mask=row_ok)
-            tl.store(MLPART + part * (2 * BLOCK_M) + BLOCK_M + offs_m, l_i, mask=row_ok)
-            tl.debug_barrier()  # every thread's partial stores precede the release below
-            done = tl.atomic_add(COUNTER + unit, 1, sem="acq_rel")
-            if done == NUM_SPLITS - 1:
+            if _publish_partial(MLPART, COUNTER, unit, part, m_i, l_i, offs_m, row_ok, BLOCK_M, NUM_SPLITS):
                 # last program for this (b, g, m_tile): combine in fixed split order (deterministic)
                 base, m_all, m_use, l_all = _split_stats(MLPART, unit, offs_m, row_ok, BLOCK_M, NUM_SPLITS, NS_P2)
-                # fixed split order, one [BLOCK_M, D] partial per step (independent loads, no 3-D tile)
-                acc = tl.zeros([BLOCK_M, D], tl.float32)
-                o_base = OPART + base * (BLOCK_M * D)
-                ml_base = MLPART + base * (2 * BLOCK_M)
-                o_off = offs_m[:, None] * D + offs_d[None, :]
-                for s_i in tl.static_range(NUM_SPLITS):
-                    mc = tl.load(ml_base + s_i * (2 * BLOCK_M) + offs_m, mask=row_ok, other=float("-inf"),
-                                 cache_modifier=".cg")
-                    oc = tl.load(o_base + s_i * (BLOCK_M * D) + o_off, mask=row_ok[:, None], other=0.0,
-                                 cache_modifier=".cg")
-                    acc += oc * tl.exp2(mc - m_use)[:, None]
+                acc = _combine_partials(OPART, MLPART, base, 0, offs_m, offs_d, row_ok, m_use, BLOCK_M, D, D,
+                                        NUM_SPLITS)
                 o, lse = _finalize(acc, m_all, l_all, q, SINK, heads, ss_h, ss_d, offs_d, row_ok, scale_log2,
                                    HAS_SINK)
                 tl.store(out_ptrs, o.to(OUT.dtype.element_ty), mask=row_ok[:, None])
@@ -735,12 +750,9 @@ def _nvfp4_epilogue(acc, acc_od, m_i, l_i, q, OUT, LSE, OPART, MLPART, COUNTER, 
         p_row = OPART + (part * BLOCK_M + offs_m[:, None]) * D
         tl.store(p_row + offs_h[None, :], acc, mask=row_ok[:, None])
         tl.store(p_row + H + offs_h[None, :], acc_od, mask=row_ok[:, None])
-        tl.store(MLPART + part * (2 * BLOCK_M) + offs_m, m_i, mask=row_ok)
-        tl.store(MLPART + part * (2 * BLOCK_M) + BLOCK_M + offs_m, l_i, mask=row_ok)
-        tl.debug_barrier()  # every thread's partial stores precede the release below
-        done = tl.atomic_add(COUNTER + unit, 1, sem="acq_rel")
-        if done == NUM_SPLITS - 1:
-            # last program for this (b, g, m_tile): combine in fixed split order (deterministic)
+        if _publish_partial(MLPART, COUNTER, unit, part, m_i, l_i, offs_m, row_ok, BLOCK_M, NUM_SPLITS):
+            # last program for this (b, g, m_tile): combine in fixed split order (deterministic); the even and
+            # odd halves in one loop (as two _combine_partials calls more registers stay live: sm_100 spills)
             base, m_all, m_use, l_all = _split_stats(MLPART, unit, offs_m, row_ok, BLOCK_M, NUM_SPLITS, NS_P2)
             c_ev = tl.zeros([BLOCK_M, H], tl.float32)
             c_od = tl.zeros([BLOCK_M, H], tl.float32)
