@@ -5,12 +5,13 @@
 
 Every kernel module's ``aot_configs(arch, full)`` lists the launch configurations its host code can choose
 on that compute capability (derived from the runtime's own config tables / plan functions, see
-``torch-ext/msa_blackwell/_aot.py``). Each is compiled with ``triton.compile(ASTSource(...),
-target=GPUTarget("cuda", arch, 32))`` (Triton's bundled ptxas / ptxas-blackwell), in a process pool,
-with a fresh Triton cache (so ptxas runs and its ``-v`` log gives registers and spills). Fails (exit 1)
-when a configuration does not compile, needs more shared memory than the target allows per block
-(``ARCHS[arch]["smem"]``: 232448 B on sm_90/sm_100, 101376 B on sm_120/sm_121) or more than 255
-registers per thread. Prints a
+``torch-ext/msa_blackwell/_aot.py``), under the running Triton (tables may depend on its version, e.g.
+``decode_kernel.TRITON_CONFIG_OVERRIDES``: run the check with each supported Triton). Each is compiled
+with ``triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))`` (Triton's bundled ptxas /
+ptxas-blackwell), in a process pool, with a fresh Triton cache (so ptxas runs and its ``-v`` log gives
+registers and spills). Fails (exit 1) when a configuration does not compile, needs more shared memory
+than the target allows per block (``ARCHS[arch]["smem"]``: 232448 B on sm_90/sm_100, 101376 B on
+sm_120/sm_121) or more than 255 registers per thread. Prints a
 table per kernel and arch: shared memory (dynamic, from Triton's metadata), registers, spill
 stores/loads, stack, cubin size. ptxas counts spills for the whole kernel, so for the hot kernels (decode /
 prefill) the cubin is disassembled (``nvdisasm -c``, Triton's bundled copy) and every local-memory
@@ -253,10 +254,12 @@ def main(argv=None):
     os.environ["TRITON_CACHE_DIR"] = cache  # fresh: every config really runs ptxas (and logs)
     t0 = time.time()
     _CONFIGS = _load_configs(archs, args.full)
+    import triton
     from msa_blackwell._aot import ARCHS
 
     jobs = [(a, i) for a in archs for i in range(len(_CONFIGS[a]))]
-    print(f"[aot] {len(jobs)} compilations for sm_{', sm_'.join(map(str, archs))} on {args.jobs} processes", flush=True)
+    print(f"[aot] Triton {triton.__version__}: {len(jobs)} compilations for sm_{', sm_'.join(map(str, archs))} "
+          f"on {args.jobs} processes", flush=True)
     if args.jobs > 1:
         with mp.get_context("fork").Pool(args.jobs) as pool:
             recs = pool.map(_compile_one, jobs, chunksize=1)

@@ -69,20 +69,37 @@ def test_aot_compile_full_matrix():
 
 def test_aot_configs_follow_runtime_tables():
     """The AOT lists are derived from the runtime tables: sm_12x never gets an sm_90 prefill tile, decode
-    stages follow DECODE_CONFIGS, and sm_90's entries are the H100-measured ones."""
+    stages / warps / M tiles follow DECODE_CONFIGS (with the running Triton's TRITON_CONFIG_OVERRIDES, which
+    leave the Triton 3.8 entries as they are), and sm_90's entries are the H100-measured ones."""
     code = r"""
 import sys; sys.path.insert(0, 'torch-ext')
 from msa_blackwell import decode_kernel as dk, prefill_kernel as pf
 for arch in (90, 100, 120, 121):
     major = arch // 10
-    st = {c.num_stages for c in dk.aot_configs(arch)}
+    dcfgs = dk.aot_configs(arch)
+    st = {c.num_stages for c in dcfgs}
     assert st == {dk.config_for_major(major).num_stages, dk.config_for_major(major, nvfp4=True).num_stages}, (arch, st)
+    for nv in (False, True):  # D = 128 warps / largest M tile: the running Triton's entry (TRITON_CONFIG_OVERRIDES)
+        cfg = dk.config_for_major(major, nvfp4=nv)
+        d128 = [c for c in dcfgs if c.args['D'] == 128 and (c.args['KV_FMT'] == dk.KV_NVFP4) == nv]
+        assert {c.num_warps for c in d128} == {cfg.num_warps[128]}, (arch, nv)
+        assert max(c.args['BLOCK_M'] for c in d128) == cfg.m_cap[128], (arch, nv)
     cfgs = pf.aot_configs(arch)
     for nv in (0, 1):  # element K/V, NVFP4 K/V (KV_FMT=1, its own table)
         got = {(c.args['G'], c.args['BMT'], c.args['BNS'], c.num_warps, c.num_stages) for c in cfgs
                if c.args['KV_FMT'] == nv}
         t_nv = pf.config_table(major, nvfp4=bool(nv))
         assert got == {(G, t.bmt, t.bns, t.num_warps, t.num_stages) for G, t in t_nv.items()}, (arch, nv, got)
+# Triton-version overrides never touch the Triton 3.8 (measured) entries
+for major in (None, 9, 10, 12):
+    assert dk.config_for_major(major, triton_version=(3, 8)) is dk.DECODE_CONFIGS[major]
+    nv38 = dk.config_for_major(major, nvfp4=True, triton_version=(3, 8))
+    assert nv38 == (dk.DECODE_CONFIGS[major].updated(dk.NVFP4_CONFIG_OVERRIDES[major])
+                    if major in dk.NVFP4_CONFIG_OVERRIDES else dk.DECODE_CONFIGS[major])
+assert all(v >= (3, 9) for v, _, _ in dk.TRITON_CONFIG_OVERRIDES)
+assert dk.config_for_major(9, triton_version=(3, 9)).num_warps[128] == 8
+assert dk.config_for_major(9, nvfp4=True, triton_version=(3, 10)).m_cap[128] == 16
+assert dk.config_for_major(9, nvfp4=True, triton_version=(3, 9)).num_warps[128] == 4
 assert pf.config_table(12) is pf.CFG_SM12 and pf.config_table(9) is pf.CFG_SM90
 assert pf.CFG_SM90[16] == pf.PrefillConfig(8, 64, 8, 3, True) and pf.CFG_SM90[1] == pf.PrefillConfig(64, 64, 8, 2, True)
 assert pf.config_table(10) is pf.CFG_SM100 and all(c.num_stages <= 2 for c in pf.CFG_SM100.values())

@@ -138,13 +138,34 @@ NVFP4_CONFIG_OVERRIDES = {
 }
 
 
-def config_for_major(major, nvfp4: bool = False) -> DecodeConfig:
+# Triton-version-dependent changes (``DecodeConfig.changes`` form), keyed by (Triton (major, minor), compute-capability
+# major, nvfp4): under a Triton >= that version, the newest entry of a (major, nvfp4) applies on top of the entry above
+# (element K/V: DECODE_CONFIGS; NVFP4: with NVFP4_CONFIG_OVERRIDES). The tables above are the Triton 3.8 (measured)
+# choices; these are compile-time (SASS) choices, unmeasured. Triton 3.9 on sm_90 (scripts/aot_check.py; LDL/STL
+# inside the MMA loop, 3.8: none): element K/V sparse BLOCK_M 32 / 64 at 4 warps 1 / 8 (8 warps: none, every class);
+# NVFP4 BLOCK_M 32 at BLOCK_N 128 dense 15, sparse pf0 3 (8 warps spills in the BLOCK_M 16 sparse class, 1 stage in
+# the dense one): M tiles capped at 16 rows there (G * seqlen_q = 32 takes two M tiles; the M3 shape G = 16 keeps its
+# measured tile; the other spill-free choice is block_n={128: 64} with m_cap={128: 32}).
+TRITON_CONFIG_OVERRIDES = {
+    ((3, 9), 9, False): DecodeConfig.changes("TRITON_CONFIG_OVERRIDES[3.9, 9]", dict(num_warps={128: 8})),
+    ((3, 9), 9, True): DecodeConfig.changes("TRITON_CONFIG_OVERRIDES[3.9, 9, nvfp4]", dict(m_cap={128: 16})),
+}
+TRITON_VERSION = tuple(int(x) for x in triton.__version__.split(".")[:2])  # (major, minor) of the running Triton
+
+
+def config_for_major(major, nvfp4: bool = False, triton_version=None) -> DecodeConfig:
     """The table's ``DecodeConfig`` for a device of compute-capability major ``major`` (None = CPU interpreter;
-    an unknown major >= 9 uses sm_90's); ``nvfp4``: with the ``NVFP4_CONFIG_OVERRIDES`` changes of that major."""
+    an unknown major >= 9 uses sm_90's); ``nvfp4``: with the ``NVFP4_CONFIG_OVERRIDES`` changes of that major;
+    then the ``TRITON_CONFIG_OVERRIDES`` changes for ``triton_version`` ((major, minor); default the running
+    Triton's ``TRITON_VERSION``)."""
     key = major if major in DECODE_CONFIGS else (9 if major is not None and major >= 9 else None)
     cfg = DECODE_CONFIGS[key]
     if nvfp4 and key in NVFP4_CONFIG_OVERRIDES:
         cfg = cfg.updated(NVFP4_CONFIG_OVERRIDES[key])
+    tv = TRITON_VERSION if triton_version is None else tuple(triton_version)
+    vers = [v for (v, m, nv) in TRITON_CONFIG_OVERRIDES if m == key and nv == bool(nvfp4) and v <= tv]
+    if vers:
+        cfg = cfg.updated(TRITON_CONFIG_OVERRIDES[(max(vers), key, bool(nvfp4))])
     return cfg
 
 
