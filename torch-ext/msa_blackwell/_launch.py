@@ -96,11 +96,11 @@ class TritonLauncher:
         self.kernel = kernel
         self.compiled = {}
 
-    def __call__(self, grid, args, *, key=None, slot=None, num_warps=4, num_stages=2, n_ptr=None, launch_pdl=False):
+    def __call__(self, grid, args, *, n_ptr, key=None, slot=None, num_warps=4, num_stages=2, launch_pdl=False):
         """grid: tuple of 1-3 ints; args: tuple of every kernel parameter; key: hashable static signature of
         this launch, or slot: a dict owned by the caller's cache entry for such a signature (grid, warps and
         stages included), which then holds the compiled kernels; neither: always the normal Triton path.
-        n_ptr: the tensors are exactly ``args[:n_ptr]`` (None: any argument may be a tensor). launch_pdl:
+        n_ptr: the tensors are exactly ``args[:n_ptr]``, every later argument a host value. launch_pdl:
         programmatic dependent launch (the kernel calls ``gdc_wait`` first; the key / slot must cover it)."""
         # (the interpreter check, an environment read, only guards the first launch of a signature: a compiled
         # kernel is stored only when it was off)
@@ -110,18 +110,10 @@ class TritonLauncher:
             # data_ptr() and cuPointerGetAttribute (a driver call) per pointer on every launch; the caller's
             # validation already fixed device and dtype.
             align = 0
-            if n_ptr is None:
-                flat = []
-                for a in args:
-                    if isinstance(a, torch.Tensor):
-                        a = a.data_ptr()
-                        align = (align << 1) | ((a & 15) == 0)
-                    flat.append(a)
-            else:
-                flat = [args[i].data_ptr() for i in range(n_ptr)]
-                for a in flat:
-                    align = (align << 1) | ((a & 15) == 0)
-                flat.extend(args[n_ptr:])
+            flat = [args[i].data_ptr() for i in range(n_ptr)]
+            for a in flat:
+                align = (align << 1) | ((a & 15) == 0)
+            flat.extend(args[n_ptr:])
             if slot is not None:
                 store, full = slot, align
             else:

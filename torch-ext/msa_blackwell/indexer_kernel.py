@@ -127,14 +127,13 @@ class DecodeScoreConfig(TableEntry):
 # The gathered K tile is cp.async-prefetched one tile ahead into one shared-memory buffer, the req_to_token
 # slice two ahead: ~38 KB per program at D 128 / tn 128, so ~5 programs per SM on sm_90 and the memory
 # parallelism comes from occupancy. sm_12x has ~99 KB of shared memory per block.
-# sm_90: tn / stages / programs per SM swept on an H100 (scripts/exp_indexer.py): 3 stages beat 2 by 15-25% at
-# B = 32, 128K; at B = 1, 32K every entry gives the same plan (one tile per program). Others: by reasoning.
+# sm_90 is measured (H100, below); the other entries are chosen by reasoning.
 DECODE_SCORE_CONFIGS = {
     None: DecodeScoreConfig(tn={64: 32, 128: 32, 256: 32}, num_stages=1),  # interpreter / unknown
     # H100: pdl, B = 1 at 32K: flash_decode_with_topk_idx 16.1 -> 15.0 us (the top-k launch overlaps the score
     # kernel's tail), B = 32 at 128K unchanged (scripts/exp_pdl.py); D = 128: 64-token tiles and 4 stages, B = 32
-    # at 128K: score kernel 438 -> 417 us (85.3 -> 89.5% of copy; 128-token tiles 441-445 us at any stage / warp /
-    # programs-per-SM choice; 8 warps 431-436 us) (scripts/exp_indexer.py).
+    # at 128K: score kernel 438 -> 417 us (85.3 -> 89.5% of copy; 128-token tiles 441-445 us with 3 or 4 stages
+    # at any warp / programs-per-SM choice, 500-594 us with 2; 8 warps 431-436 us) (scripts/exp_indexer.py).
     9: DecodeScoreConfig(tn={64: 128, 128: 64, 256: 64}, num_stages=4, pdl=1),
     10: DecodeScoreConfig(tn={64: 128, 128: 128, 256: 64}),
     12: DecodeScoreConfig(tn={64: 128, 128: 64, 256: 32}),
