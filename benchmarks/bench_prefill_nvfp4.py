@@ -1,14 +1,17 @@
-"""Fused NVFP4-K/V prefill (``sparse_atten_nvfp4_kv_func``) vs bf16 ``sparse_atten_func`` (GPU only).
+"""NVFP4-K/V prefill (``sparse_atten_nvfp4_kv_func``, staged and fused) vs bf16 ``sparse_atten_func`` (GPU only).
 
 Shape (MiniMax-M3, as ``bench_prefill``): B = 1, Sq = Sk = 32K, Hq = 64, Hkv = 4, D = 128, top-16,
 causal; the selection and the sparse FLOP count come from ``bench_prefill`` (``m3_selection``,
 ``sparse_flops``) and every variant runs on the same CSR. K/V: N(0,1) bf16 quantised with
 ``quantize_kv_bf16_to_nvfp4_128x4``; the bf16 baseline runs on the original bf16 K/V. Dense
-``[S, Hkv, 64]`` and paged ``[S/128, Hkv, 128, 64]`` (shuffled page table) layouts.
+``[S, Hkv, 64]`` and paged (a pool of ``2 S/128`` pages ``[., Hkv, 128, 64]``, shuffled page table) layouts.
 
 Rows per (layout):
 * ``bf16``: ``sparse_atten_func`` on bf16 Q/K/V (the reference time);
-* ``nvfp4 bf16Q`` / ``nvfp4 fp8Q``: the fused op (packed FP4 + scales read in the attention loop);
+* ``nvfp4 bf16Q`` / ``nvfp4 fp8Q``: the op with its default path (staged: K/V decoded once into element tiles,
+  then the element kernel, while the workspace fits ``prefill_kernel.NVFP4_STAGE_MAX_BYTES``);
+* ``nvfp4 fused bf16Q`` / ``nvfp4 fused fp8Q``: the op with staging off (``tuning.override(
+  prefill_nvfp4_stage_bytes=0)``: packed FP4 + scales read in the attention loop);
 * ``dequant+bf16``: what an unfused implementation does (Triton dequantiser to bf16 for K and V, then
   ``sparse_atten_func``).
 Columns: time per call (CUDA-graph replay, 3 rotating input sets), sparse-effective TFLOP/s, time
@@ -17,7 +20,7 @@ output against ``sparse_atten_func`` on ``dequantize_nvfp4_128x4_to_bf16`` K/V (
 construction, tolerance 2e-2).
 
 Env (read by this benchmark only): ``MSA_BENCH_SIZES`` (default ``32768``);
-``MSA_BENCH_NVFP4_SWEEP="8,64,8,3;8,32,8,2"`` adds one ``nvfp4 bf16Q`` row per listed tile config
+``MSA_BENCH_NVFP4_SWEEP="8,64,8,3;8,32,8,2"`` adds one fused ``nvfp4 bf16Q`` row per listed tile config
 ``bmt,bns,warps,stages[,list]`` (timed inside ``msa.tuning.override(prefill_nvfp4=cfg)``). ``run(msa, timing)``
 is the entry point (``python benchmarks/benchmark.py --sections prefill_nvfp4``);
 ``python benchmarks/bench_prefill_nvfp4.py`` runs it standalone on the source tree.
@@ -35,12 +38,13 @@ from bench_prefill import D, HKV, HQ, TOPK, m3_selection, sparse_flops  # noqa: 
 FP8 = torch.float8_e4m3fn
 
 
-def _paged(x, perm):
-    """[S, Hkv, d] -> HND pages [P, Hkv, 128, d] placed at shuffled page ids ``perm`` (pages = S / 128)."""
+def _paged(x, perm, pool):
+    """[S, Hkv, d] -> HND pool [pool, Hkv, 128, d] with the S / 128 pages at shuffled page ids ``perm`` (the other
+    pages zero)."""
     S, h, d = x.shape
     P = S // 128
     pages = x.view(P, 128, h, d).permute(0, 2, 1, 3)
-    out = torch.empty_like(pages.contiguous())
+    out = torch.zeros((pool, h, 128, d), dtype=x.dtype, device=x.device)
     out[perm.long()] = pages
     return out
 
@@ -61,7 +65,8 @@ def run(msa, timing):
         P = S // 128
         for layout in ("dense", "paged"):
             paged = layout == "paged"
-            perm = torch.randperm(P, device=dev).to(torch.int32)
+            # paged: a pool of twice the context's pages (the staged path gathers the page table's pages)
+            perm = torch.randperm(2 * P, device=dev)[:P].to(torch.int32)
             pt = perm.view(1, P)
             sets = []
             for _ in range(3):
@@ -69,7 +74,7 @@ def run(msa, timing):
                 k = torch.randn(S, HKV, D, device=dev, dtype=torch.bfloat16)
                 v = torch.randn(S, HKV, D, device=dev, dtype=torch.bfloat16)
                 if paged:
-                    k, v = _paged(k, perm), _paged(v, perm)
+                    k, v = _paged(k, perm, 2 * P), _paged(v, perm, 2 * P)
                 qk, qv = msa.quantize_kv_bf16_to_nvfp4_128x4(k, v)
                 sets.append(dict(q=q, q8=q.to(FP8), k=k, v=v, qk=qk, qv=qv))
             extra = dict(page_table=pt) if paged else {}
@@ -96,11 +101,15 @@ def run(msa, timing):
             t_bf16 = timing.bench_graph(bf16, [(s["q"], s["k"], s["v"]) for s in sets])
             variants = [("bf16", t_bf16, bf16_kv_bytes, None)]
             todo = [("nvfp4 bf16Q", fused, "q", None), ("nvfp4 fp8Q", fused, "q8", None),
+                    ("nvfp4 fused bf16Q", fused, "q", "fused"), ("nvfp4 fused fp8Q", fused, "q8", "fused"),
                     ("dequant+bf16", unfused, "q", None)]
-            todo += [(f"nvfp4 bf16Q cfg {c}", fused, "q", c) for c in sweep]
+            todo += [(f"nvfp4 fused bf16Q cfg {c}", fused, "q", c) for c in sweep]
             for name, fn, qn, cfg in todo:
                 try:
-                    with msa.tuning.override(prefill_nvfp4=cfg) if cfg else contextlib.nullcontext():
+                    ov = dict(prefill_nvfp4_stage_bytes=0) if cfg else {}
+                    if cfg and cfg != "fused":
+                        ov["prefill_nvfp4"] = cfg
+                    with msa.tuning.override(**ov) if ov else contextlib.nullcontext():
                         err = (fn(*nv_args(s0, qn)).float() - ref).abs().max().item()
                         t = timing.bench_graph(fn, [nv_args(s, qn) for s in sets])
                     variants.append((name, t, nv_kv_bytes, err))

@@ -17,6 +17,7 @@ CPU (interpreter): fp16 Q, tiny shapes. GPU only: bf16 and fp8 Q at 6-7K tokens 
 the no-bf16-K/V-allocation check, CUDA-graph replay.
 """
 
+import importlib
 import math
 
 import pytest
@@ -114,6 +115,14 @@ def build(device, *, lq, lk, hq, hkv, topk, qdtype, paged, mode, extra_pages=3):
         qk, qv, kg, vg = _make_kv((total_k, hkv), device, mode, data_dtype)
     inp.update(qk=qk, qv=qv, kg=kg, vg=vg)
     return inp
+
+
+@pytest.fixture(params=["staged", "fused"])
+def nvfp4_path(request):
+    """Both execution paths of sparse_atten_nvfp4_kv_func (docs/API.md §5.13): staged (K/V decoded once into
+    element tiles, then the element kernel) and fused (decoded inside the attention kernel)."""
+    with msa.tuning.override(prefill_nvfp4_stage_bytes=(1 << 40) if request.param == "staged" else 0):
+        yield request.param
 
 
 def run_fused(inp, *, causal, **kw):
@@ -229,7 +238,7 @@ SMALL = dict(lq=[24, 0, 1, 33], lk=[200, 30, 100, 128], hq=2, hkv=2, topk=3)
     (False, False, "raw_gs"),
     (True, True, "raw_gs"),
 ])
-def test_fused_small_fp16(device, paged, causal, mode):
+def test_fused_small_fp16(device, paged, causal, mode, nvfp4_path):
     inp = build(device, qdtype=torch.float16, paged=paged, mode=mode, **SMALL)
     _poison_pool(inp)
     got = run_fused(inp, causal=causal)
@@ -240,7 +249,7 @@ def test_fused_small_fp16(device, paged, causal, mode):
 
 
 @pytest.mark.kernels_ci
-def test_fused_temperature_scale_and_identity(device):
+def test_fused_temperature_scale_and_identity(device, nvfp4_path):
     """k_global enters LSE and LSE_T (through the logits); v_global only O; LSE_T is LSE at tau = 1."""
     inp = build(device, qdtype=torch.float16, paged=False, mode="raw_gs", lq=[24], lk=[150], hq=2, hkv=1, topk=2)
     out, lse, lse_t = run_fused(inp, causal=True, softmax_scale=0.05, return_temperature_lse=True,
@@ -258,7 +267,7 @@ def test_fused_temperature_scale_and_identity(device):
 
 
 @pytest.mark.kernels_ci
-def test_fused_noncontiguous_inputs(device):
+def test_fused_noncontiguous_inputs(device, nvfp4_path):
     """Strided q, packed K/V views with a non-unit head stride, and a non-contiguous scale tensor."""
     inp = build(device, qdtype=torch.float16, paged=False, mode="raw_gs", lq=[20], lk=[140], hq=2, hkv=1, topk=2)
     ref = run_fused(inp, causal=True)
@@ -311,7 +320,7 @@ def with_cu_q(inp, cuq):
 @pytest.mark.kernels_ci
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
 @pytest.mark.parametrize("paged", [False, True], ids=["dense", "paged"])
-def test_fused_rows_outside_requests(device, paged):
+def test_fused_rows_outside_requests(device, paged, nvfp4_path):
     """Rows outside cu_seqlens_q (or not owned under a decreasing cu_seqlens_q) give O = 0, LSE = -inf on the
     NVFP4 path too (they used to be uninitialised); owned rows match the dequantised bf16 path and float64."""
     inp = build(device, qdtype=torch.float16, paged=paged, mode="raw_gs", lq=[10, 6, 8], lk=[200, 130, 300], hq=4,
@@ -335,6 +344,56 @@ def test_fused_rows_outside_requests(device, paged):
     out, lse = run_fused(dict(odd, vg=torch.full((1,), math.inf, device=device)), causal=True)
     empty = torch.isneginf(lse)
     assert empty.any() and (out[empty] == 0).all()
+
+
+@pytest.mark.kernels_ci
+@pytest.mark.parametrize("extra_pages", [0, 5], ids=["pool_staged", "table_gathered"])
+def test_staged_pages_and_bad_entries(device, extra_pages):
+    """Paged staging decodes the pool (pool pages <= page-table entries) or gathers the page table's pages (the
+    staged table then marks entries outside the pool -1): page-table entries -1 and past the pool select nothing on
+    both paths; staged == fused within bf16/fp16 rounding of the reassociated sums, both against float64."""
+    inp = build(device, qdtype=torch.float16, paged=True, mode="raw_gs", lq=[20, 9], lk=[300, 200], hq=4, hkv=2,
+                topk=3, extra_pages=extra_pages)
+    pt = inp["page_table"].clone()
+    pt[0, 1] = -1
+    pt[1, 0] = pt.new_tensor(10 ** 6)
+    inp["page_table"] = pt
+    got = {}
+    for path, lim in (("staged", 1 << 40), ("fused", 0)):
+        with msa.tuning.override(prefill_nvfp4_stage_bytes=lim):
+            _poison_pool(inp)
+            got[path] = run_fused(inp, causal=True)
+    check_vs_dequantised(got["staged"], run_dequantised(inp, causal=True))
+    check_vs_dequantised(got["staged"], got["fused"])
+    assert torch.equal(torch.isneginf(got["staged"][1]), torch.isneginf(got["fused"][1]))
+
+
+@pytest.mark.kernels_ci
+def test_stage_limit_selects_path(device, monkeypatch):
+    """The workspace limit picks the path: at the plan's byte count the call stages K and V, one byte below it
+    nothing is staged (fused); both give the same result within rounding."""
+    pk = importlib.import_module(msa.__name__ + ".prefill_kernel")
+    prefill_mod = importlib.import_module(msa.__name__ + ".prefill")
+    inp = build(device, qdtype=torch.float16, paged=False, mode="raw", lq=[8], lk=[130], hq=2, hkv=1, topk=2)
+    n, gather, nbytes = pk.nvfp4_stage_plan(inp["qk"].data, None, torch.float16)
+    assert (n, gather, nbytes) == (130, False, 2 * 130 * 1 * 128 * 2)
+    staged_dtypes = []
+
+    def spy(*a, **k):
+        staged_dtypes.append(a[3])
+        return pk.nvfp4_stage(*a, **k)
+
+    monkeypatch.setattr(prefill_mod, "nvfp4_stage", spy)
+    with msa.tuning.override(prefill_nvfp4_stage_bytes=nbytes):
+        staged = run_fused(inp, causal=True)
+    assert staged_dtypes == [torch.float16, torch.float16]
+    with msa.tuning.override(prefill_nvfp4_stage_bytes=nbytes - 1):
+        fused = run_fused(inp, causal=True)
+    assert len(staged_dtypes) == 2
+    check_vs_dequantised(staged, fused)
+    with pytest.raises(ValueError, match="prefill_nvfp4_stage_bytes"):
+        with msa.tuning.override(prefill_nvfp4_stage_bytes=-1):
+            pass
 
 
 @pytest.mark.kernels_ci
@@ -444,7 +503,7 @@ def _rows(total, n, seed=0):
 @pytest.mark.parametrize("qdtype", [torch.bfloat16, FP8], ids=["bf16", "fp8"])
 @pytest.mark.parametrize("paged", [False, True], ids=["dense", "paged"])
 @pytest.mark.parametrize("mode,causal", [("quant", True), ("raw", False), ("raw_gs", True), ("quant", False)])
-def test_fused_gpu(cuda_device, qdtype, paged, mode, causal):
+def test_fused_gpu(cuda_device, qdtype, paged, mode, causal, nvfp4_path):
     inp = build(cuda_device, qdtype=qdtype, paged=paged, mode=mode, **BIG)
     _poison_pool(inp)
     got = run_fused(inp, causal=causal)
@@ -458,7 +517,7 @@ def test_fused_gpu(cuda_device, qdtype, paged, mode, causal):
 
 
 @requires_cuda
-def test_fused_gpu_fp16(cuda_device):
+def test_fused_gpu_fp16(cuda_device, nvfp4_path):
     inp = build(cuda_device, qdtype=torch.float16, paged=True, mode="quant", **BIG)
     _poison_pool(inp)
     got = run_fused(inp, causal=True)
@@ -480,7 +539,7 @@ def _peak_delta(fn):
 @requires_cuda
 @pytest.mark.parametrize("paged", [False, True], ids=["dense", "paged"])
 def test_fused_gpu_allocates_no_bf16_kv(cuda_device, paged):
-    """The fused op's peak memory equals the bf16 op's (O, LSE, CSR-inversion workspace): no K/V copy.
+    """With staging off, the op's peak memory equals the bf16 op's (O, LSE, CSR-inversion workspace): no K/V copy.
 
     topK = 4 keeps the workspace (slots + block lists, ~2 * Hkv * total_q * 8 * 4 B) at 1/4 of one bf16 K."""
     S, hq, hkv, topk = 16384, 64, 4, 4
@@ -497,7 +556,8 @@ def test_fused_gpu_allocates_no_bf16_kv(cuda_device, paged):
                                      return_softmax_lse=True, **extra)
 
     def fused():
-        return run_fused(inp, causal=True)
+        with msa.tuning.override(prefill_nvfp4_stage_bytes=0):
+            return run_fused(inp, causal=True)
 
     fused()
     native()  # compile both first
@@ -509,7 +569,7 @@ def test_fused_gpu_allocates_no_bf16_kv(cuda_device, paged):
 
 
 @requires_cuda
-def test_fused_gpu_graph_and_determinism(cuda_device):
+def test_fused_gpu_graph_and_determinism(cuda_device, nvfp4_path):
     inp = build(cuda_device, qdtype=torch.bfloat16, paged=True, mode="quant", lq=[4096], lk=[4096], hq=64, hkv=4,
                 topk=16)
     first = run_fused(inp, causal=True)
@@ -532,7 +592,7 @@ def test_fused_gpu_graph_and_determinism(cuda_device):
 @requires_cuda
 @pytest.mark.parametrize("qdtype", [torch.bfloat16, FP8], ids=["bf16", "fp8"])
 @pytest.mark.parametrize("paged", [False, True], ids=["dense", "paged"])
-def test_fused_gpu_rows_outside_requests(cuda_device, qdtype, paged):
+def test_fused_gpu_rows_outside_requests(cuda_device, qdtype, paged, nvfp4_path):
     """GPU tiles: a gap before the first request, a decreasing step and rows after the last request."""
     inp = build(cuda_device, qdtype=qdtype, paged=paged, mode="quant", lq=[1200, 900, 700], lk=[3000, 900, 2000],
                 hq=32, hkv=4, topk=16)

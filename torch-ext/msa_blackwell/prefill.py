@@ -3,7 +3,8 @@
 Both functions validate their arguments (metadata only: no host synchronisation), then call one custom op
 each (``sparse_prefill_fwd``, ``sparse_prefill_nvfp4_fwd``) whose implementation is
 ``prefill_kernel.prefill_launch``: the same Triton kernel, with element K/V (bf16 / fp16 / fp8) or packed
-NVFP4 K/V read and dequantised inside the kernel loop (no dequantised K/V in memory).
+NVFP4 K/V. NVFP4 K/V are staged (each block decoded once into element tiles, then the element kernel) while the
+workspace fits ``prefill_kernel.nvfp4_stage_limit``, else read and decoded inside the kernel loop (fused).
 
 Shapes: ``q [total_q, Hq, 128]``; dense ``k, v [total_k, Hkv, 128]`` (NVFP4: uint8 ``[total_k, Hkv, 64]``) or
 paged HND ``k, v [num_pages, Hkv, 128, 128]`` (NVFP4: ``[num_pages, Hkv, 128, 64]``) with
@@ -24,7 +25,7 @@ from ._validate import (FP8, attention_out_dtype, check_devices, check_gqa, chec
                         check_tensor, default_scale)
 from .csr import check_cu_seqlens
 from .errors import MsaUnsupportedError
-from .prefill_kernel import prefill_launch
+from .prefill_kernel import nvfp4_stage, nvfp4_stage_limit, nvfp4_stage_plan, nvfp4_stage_table, prefill_launch
 
 __all__ = ["sparse_atten_func", "sparse_atten_nvfp4_kv_func"]
 
@@ -220,10 +221,19 @@ def _sparse_prefill_nvfp4_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
                              seqused_k: Optional[torch.Tensor], topk: int, causal: bool, softmax_scale: float,
                              tau: float, with_tau: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     out_dtype = torch.bfloat16 if q.dtype == FP8 else q.dtype
-    # the kernel reads the scales as logical row-major flat buffers (C = 8): make them so (no-op when contiguous)
+    n, gather, nbytes = nvfp4_stage_plan(k, page_table, out_dtype)
+    # the kernels read the scales as logical row-major flat buffers (C = 8): make them so (no-op when contiguous)
+    k_scale, v_scale = k_scale.contiguous(), v_scale.contiguous()
+    if q.shape[0] > 0 and 0 < nbytes <= nvfp4_stage_limit(q.device):
+        # decode each K/V block once into element tiles, then the element kernel (prefill_kernel's staging note)
+        ks = nvfp4_stage(k, k_scale, page_table, out_dtype, n, gather)
+        vs = nvfp4_stage(v, v_scale, page_table, out_dtype, n, gather)
+        table = nvfp4_stage_table(page_table, k.shape[0]) if gather else page_table
+        return prefill_launch(q, ks, vs, k2q_row_ptr, k2q_q_indices, cu_seqlens_q, cu_seqlens_k, table, seqused_k,
+                              topk, causal, softmax_scale, tau, with_tau, out_dtype, kv_global=(k_global, v_global))
     return prefill_launch(q, k, v, k2q_row_ptr, k2q_q_indices, cu_seqlens_q, cu_seqlens_k, page_table, seqused_k,
                            topk, causal, softmax_scale, tau, with_tau, out_dtype,
-                           nvfp4=(k_scale.contiguous(), v_scale.contiguous(), k_global, v_global))
+                           nvfp4=(k_scale, v_scale, k_global, v_global))
 
 
 @_sparse_prefill_nvfp4_op.register_fake
@@ -241,7 +251,7 @@ def sparse_atten_nvfp4_kv_func(q, k, v, k_scale_128x4, v_scale_128x4, k_global_s
                                lse_temperature_scale=1.0, return_temperature_lse=False,
                                partial_dtype=torch.bfloat16, return_softmax_lse=False, page_table=None,
                                seqused_k=None, schedule=None, usable_SM_count=-1, qk_dtype=None, pv_dtype=None):
-    """Block-sparse attention with NVFP4 K/V, dequantised inside the attention kernel (docs/API.md §5.13).
+    """Block-sparse attention with NVFP4 K/V (docs/API.md §5.13): staged or fused dequantisation.
 
     q [total_q, Hq, 128] bf16/fp16/fp8; k, v uint8 packed E2M1: dense [total_k, Hkv, 64] or paged
     [num_pages, Hkv, 128, 64] (with page_table int32 [B, max_pages], optional seqused_k int32 [B]);

@@ -36,7 +36,8 @@ packed E2M1 bytes and the 128x4-swizzled E4M3 scales of those rows (scale row ``
 compute dtype, exact) or ``nvfp4_tile_f16`` (``FP4_DEC`` 0 / 1: fp16 tiles ``e2m1 * scale / 128``, Q rescaled per
 row into fp16; compiles with Triton 3.8, not with 3.6). No dequantised K/V exists in memory. ``k_global``
 multiplies the logit scales (``HAS_KG``), ``v_global`` the normalised output (``HAS_VG``); both are read from
-device pointers.
+device pointers. While its workspace fits, ``sparse_atten_nvfp4_kv_func`` stages the K/V instead (see
+``NVFP4_STAGE_MAX_BYTES``): element tiles decoded once per call, the element kernel with ``HAS_KG`` / ``HAS_VG``.
 
 Tile configs: ``PrefillConfig`` entries of the per-architecture tables ``CFG_SM90`` / ``CFG_SM100`` /
 ``CFG_SM12`` (NVFP4 K/V: ``CFG_NVFP4_SM*``), keyed by the GQA ratio ``G``; ``tuning.override`` replaces them
@@ -62,7 +63,8 @@ FP4_DEC_TILE32 = tl.constexpr(2)
 FP4_DEC_DEFAULT = 2
 
 __all__ = ["PrefillConfig", "CFG_SM90", "CFG_SM100", "CFG_SM12", "CFG_NVFP4_SM90", "CFG_NVFP4_SM100",
-           "CFG_NVFP4_SM12", "config_table", "launch_config", "fp4_decoder", "prefill_launch", "aot_configs"]
+           "CFG_NVFP4_SM12", "config_table", "launch_config", "fp4_decoder", "prefill_launch", "aot_configs",
+           "NVFP4_STAGE_MAX_BYTES", "nvfp4_stage_limit", "nvfp4_stage_plan", "nvfp4_stage", "nvfp4_stage_table"]
 
 @triton.jit
 def _attend_sub_block(q, acc, m_i, l_i, m2, l2, sel, cur, cn, K, V, KS, VS, PT, b, g, nkv, d, ks, lk, lim_r, total_k,
@@ -177,7 +179,7 @@ def _prefill_fwd_kernel(
     g = tl.program_id(1)
     nkv = tl.num_programs(1)
     tau_ratio = tau_scale / qk_scale  # = 1/tau: temperature logits are s2 * tau_ratio (see _attend_sub_block)
-    if HAS_KG:  # NVFP4 K global scale, folded into the logit scales (read on the device: no host sync)
+    if HAS_KG:  # NVFP4 K global scale (fused or staged), folded into the logit scales (read on the device)
         kgs = tl.load(KG)
         qk_scale = qk_scale * kgs
 
@@ -339,6 +341,8 @@ def _prefill_fwd_kernel(
                 else:
                     o = o * FP4_POW2
             o = tl.where(nonempty[:, None], o, 0.0)  # empty rows stay exactly 0 (even with an inf/NaN v_global)
+        elif HAS_VG:  # staged NVFP4 K/V (element tiles without the global scales): v_global once on the output
+            o = tl.where(nonempty[:, None], o * tl.load(VG), 0.0)
         # the tile's rows again from scalars (nothing [M]-shaped but the softmax state lives across the loop)
         t_s = r0 + tl.arange(0, M) // G
         row_ok = t_s < w1  # stored rows: the tile's rows of its window (W[b+1] <= total_q)
@@ -455,6 +459,104 @@ def fp4_decoder(device: torch.device) -> int:
     return FP4_DEC_PORTABLE if dec == FP4_DEC_PORTABLE else FP4_DEC_DEFAULT
 
 
+# ---- NVFP4 K/V staging ----------------------------------------------------------------------------------------
+# ``sparse_atten_nvfp4_kv_func`` decodes every K/V block the call can read ONCE into a workspace of element tiles
+# (``e2m1 * E4M3 scale`` in the compute dtype, exact; no global scale) and runs the element kernel on it with
+# ``k_global`` folded into the logit scale and ``v_global`` applied to the output (``HAS_KG`` / ``HAS_VG``): the
+# fused kernel (``KV_FMT=1``) decodes a block once per query tile that selects it, which makes it compute bound on
+# the decode (H100, 32K causal top-16: 2.1x the bf16 time; staging + bf16 kernel 1.01x). The workspace holds
+# ``2 * rows * Hkv * 128`` elements of the compute dtype, rows = total_k (dense) or the smaller of the pool's and
+# the page table's pages x 128 (paged); above the byte limit of the device's major (or ``tuning.override(
+# prefill_nvfp4_stage_bytes=...)``, 0 = never) the fused kernel runs and no K/V copy is made.
+NVFP4_STAGE_MAX_BYTES = {9: 1 << 30, 10: 1 << 30, 12: 1 << 29, None: 1 << 26}
+STAGE_ROWS = 64  # K/V rows per staging program
+
+
+@triton.jit
+def _nvfp4_stage_kernel(P, S, OUT, PT, sp_0, sp_1, sp_2, sp_3, spt_b, spt_p, n_src, W, Hkv,
+                        PAGED: tl.constexpr, GATHER: tl.constexpr, D: tl.constexpr, ROWS: tl.constexpr):
+    """Element tiles ``e2m1 * scale`` (OUT's dtype) of packed NVFP4 rows; ``ROWS`` rows x ``D`` per program.
+
+    Dense (grid ``(cdiv(total_k, ROWS), Hkv)``): row t of head h (bytes ``t*sp_0 + h*sp_1 + j*sp_2``, scale row
+    ``t*Hkv + h``) -> ``OUT[t, h]``. Paged (grid ``(pages, Hkv, 128 / ROWS)``): staged page j is pool page j, or
+    with ``GATHER`` the page-table entry ``j`` (``PT[j // W, j % W]``); slot s of head h (bytes ``page*sp_0 +
+    h*sp_1 + s*sp_2 + j*sp_3``, scale row ``(page*Hkv + h)*128 + s``) -> ``OUT[j, h, s]``. Page-table entries
+    outside ``[0, n_src)`` are not read and their staged page is not written (the staged table marks it -1)."""
+    j = tl.program_id(0)
+    h = tl.program_id(1)
+    d = tl.arange(0, D)
+    if PAGED:
+        s = tl.program_id(2) * ROWS + tl.arange(0, ROWS)
+        if GATHER:
+            src = tl.load(PT + (j // W).to(tl.int64) * spt_b + (j % W).to(tl.int64) * spt_p)
+        else:
+            src = j
+        ok = tl.where((src >= 0) & (src < n_src), s < 128, False)  # (Triton 3.9's interpreter: no scalar & vector)
+        pg = tl.where(ok, src, 0).to(tl.int64)
+        byte_off = pg * sp_0 + h * sp_1 + s.to(tl.int64) * sp_2
+        srow = (pg * Hkv + h) * 128 + s
+        x = nvfp4_tile(P, S, byte_off, srow, ok, sp_3, ROWS, D, OUT.dtype.element_ty)
+        orow = (j.to(tl.int64) * Hkv + h) * 128 + s
+    else:
+        t = j.to(tl.int64) * ROWS + tl.arange(0, ROWS)
+        ok = t < n_src
+        byte_off = t * sp_0 + h * sp_1
+        srow = t * Hkv + h
+        x = nvfp4_tile(P, S, byte_off, srow, ok, sp_2, ROWS, D, OUT.dtype.element_ty)
+        orow = t * Hkv + h
+    tl.store(OUT + orow[:, None] * D + d[None, :], x, mask=ok[:, None])
+
+
+def nvfp4_stage_limit(device: torch.device) -> int:
+    """Largest staging workspace (bytes) of an NVFP4-K/V prefill on ``device`` (0: always the fused kernel)."""
+    lim = tuning.current().prefill_nvfp4_stage_bytes
+    if lim is not None:
+        return lim
+    if interpreter_active() or device.type != "cuda":
+        return NVFP4_STAGE_MAX_BYTES[None]
+    major = device_info(device.type, device.index)[0]
+    return NVFP4_STAGE_MAX_BYTES.get(major, NVFP4_STAGE_MAX_BYTES[9])
+
+
+def nvfp4_stage_plan(k, page_table, dtype):
+    """``(pages, gather)`` of a paged staging (``pages`` staged pages, ``gather``: through the page table) or
+    ``(rows, False)`` dense, and the workspace bytes of K and V together."""
+    hkv, esz = k.shape[1], torch.empty((), dtype=dtype).element_size()
+    if page_table is None:
+        n = k.shape[0]
+        return n, False, 2 * n * hkv * 128 * esz
+    pool, slots = k.shape[0], page_table.shape[0] * page_table.shape[1]
+    gather = slots < pool
+    n = slots if gather else pool
+    return n, gather, 2 * n * hkv * 128 * 128 * esz
+
+
+def nvfp4_stage(k, scale, page_table, dtype, n, gather):
+    """Staged element K (or V) of ``nvfp4_stage_plan``: dense ``[total_k, Hkv, 128]`` or paged
+    ``[n, Hkv, 128, 128]`` of ``dtype`` (rows of invalid page-table entries unwritten)."""
+    hkv = k.shape[1]
+    paged = page_table is not None
+    out = torch.empty((n, hkv, 128, 128) if paged else (n, hkv, 128), dtype=dtype, device=k.device)
+    if n == 0 or hkv == 0:
+        return out
+    sp = k.stride() if paged else k.stride() + (0,)
+    pt = page_table if gather else k
+    spt = page_table.stride() if gather else (0, 0)
+    w = page_table.shape[1] if gather else 1
+    grid = (n, hkv, 128 // STAGE_ROWS) if paged else (triton.cdiv(n, STAGE_ROWS), hkv)
+    _nvfp4_stage_kernel[grid](k, scale, out, pt, sp[0], sp[1], sp[2], sp[3], spt[0], spt[1], k.shape[0], w, hkv,
+                              PAGED=paged, GATHER=gather, D=128, ROWS=STAGE_ROWS, num_warps=4)
+    return out
+
+
+def nvfp4_stage_table(page_table, pool: int):
+    """The page table of a gathered staging: entry (b, w) -> staged page ``b*W + w``, or -1 where the original
+    entry is not a page of the pool (the kernel then skips the block, as it does for the original)."""
+    b, w = page_table.shape
+    ids = torch.arange(b * w, dtype=torch.int32, device=page_table.device).view(b, w)
+    return torch.where((page_table >= 0) & (page_table < pool), ids, -1)
+
+
 # (q dtype, kv dtype) pairs; output dtype bf16 for fp8 q, else q's (the kernel's compute dtype = O's).
 # kv dtype uint8 = packed NVFP4 (KV_FMT=1, scales + global-scale pointers).
 _AOT_DTYPES = ((torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16), (torch.bfloat16, FP8), (FP8, FP8),
@@ -497,8 +599,12 @@ def aot_configs(arch: int, full: bool = False):
                 fl = flag_sets
                 if m3 and qd == torch.bfloat16 and nv:
                     fl = flag_sets + [(True, False, False, False)]  # + dense NVFP4 K/V (M3 shape)
+                # global scales: NVFP4 K/V; element K/V with both = staged NVFP4 K/V (M3 shape in the CI subset)
+                gss = ((False, False), (True, True)) if (nv and full) else ((nv, nv),)
+                if not nv and qd != FP8 and kd == od and (full or m3):
+                    gss = ((False, False), (True, True))
                 for causal, paged, sequ, tau in fl:
-                    for gs in (((False, False), (True, True)) if (nv and full) else ((nv, nv),)):
+                    for gs in gss:
                         args = {n: "i32:D" for n in _prefill_fwd_kernel.arg_names}
                         args.update(Q="*" + torch_to_tl_name(qd), K="*" + torch_to_tl_name(kd),
                                     V="*" + torch_to_tl_name(kd), O="*" + torch_to_tl_name(od), LSE="*fp32",
@@ -516,19 +622,31 @@ def aot_configs(arch: int, full: bool = False):
                         label = (f"G{G} BMT{bmt} M{bmt * G} BNS{bns} CAP{cap} list{int(use_list)} "
                                  f"q{torch_to_tl_name(qd)}/kv{'nvfp4' if nv else torch_to_tl_name(kd)} "
                                  f"c{int(causal)}p{int(paged)}u{int(sequ)}t{int(tau)}"
-                                 + (f" gs{int(gs[0])}{int(gs[1])}" if nv else ""))
+                                 + (f" gs{int(gs[0])}{int(gs[1])}" if (nv or gs[0]) else ""))
                         out.append(AotConfig(_prefill_fwd_kernel, args, nw, ns, label, hot=True))
+    # NVFP4 staging (sparse_atten_nvfp4_kv_func's default path): dense, paged pool, paged gathered; bf16 / fp16 tiles
+    for od in (torch.bfloat16, torch.float16):
+        for paged, gather in ((False, False), (True, False), (True, True)):
+            args = {n: "i32" for n in _nvfp4_stage_kernel.arg_names}
+            args.update(P="*u8", S="*u8", OUT="*" + torch_to_tl_name(od), PT="*i32" if gather else "*u8",
+                        sp_3=1 if paged else "i32", sp_2="i32:D" if paged else 1, spt_p=1 if gather else "i32",
+                        PAGED=paged, GATHER=gather, D=128, ROWS=STAGE_ROWS)
+            out.append(AotConfig(_nvfp4_stage_kernel, args, 4, 3,
+                                 f"stage {torch_to_tl_name(od)} {'paged' if paged else 'dense'}"
+                                 + (" gather" if gather else "")))
     return dedupe(out)
 
 
 
 def prefill_launch(q, k, v, row_ptr, q_idx, cu_q, cu_k, page_table, seqused_k, topk, causal, scale, tau,
-                    with_tau, out_dtype, nvfp4=None):
+                    with_tau, out_dtype, nvfp4=None, kv_global=(None, None)):
     """Allocate O / LSE / LSE_T, invert the CSR and launch ``_prefill_fwd_kernel``.
 
     ``nvfp4``: ``None`` for element K/V (``[.., 128]``), or ``(k_scale, v_scale, k_global, v_global)`` for
     packed NVFP4 K/V (``[.., 64]`` uint8; scales uint8 128x4-swizzled, contiguous; globals fp32 tensors
     (element 0) or ``None``): the kernel then runs with ``KV_FMT=1`` and never materialises K/V.
+    ``kv_global``: element K/V only: ``(k_global, v_global)`` fp32 tensors or None, for staged NVFP4 K/V
+    (``nvfp4_stage``): k_global folds into the logit scales, v_global multiplies the output.
     """
     total_q, hq, d = q.shape
     paged = page_table is not None
@@ -571,7 +689,7 @@ def prefill_launch(q, k, v, row_ptr, q_idx, cu_q, cu_k, page_table, seqused_k, t
         total_k = k.shape[0]
     dummy = cu_q
     if nvfp4 is None:
-        kv_fmt, ksc, vsc, kgs, vgs = 0, dummy, dummy, dummy, dummy
+        kv_fmt, ksc, vsc, (kgs, vgs) = 0, dummy, dummy, kv_global
     else:
         kv_fmt, (ksc, vsc, kgs, vgs) = 1, nvfp4
     _prefill_fwd_kernel[(n_tiles, hkv)](
@@ -584,7 +702,7 @@ def prefill_launch(q, k, v, row_ptr, q_idx, cu_q, cu_k, page_table, seqused_k, t
         scale * LOG2E, scale * LOG2E / tau,
         CAUSAL=bool(causal), PAGED=paged, HAS_SEQU=seqused_k is not None, HAS_TAU=bool(with_tau),
         BMT=bmt, G=G, CAP=cap, D=d, BN=KV_BLOCK, BNS=bns, LIST=use_list,
-        KV_FMT=kv_fmt, HAS_KG=kv_fmt == 1 and kgs is not None, HAS_VG=kv_fmt == 1 and vgs is not None,
+        KV_FMT=kv_fmt, HAS_KG=kgs is not None, HAS_VG=vgs is not None,
         FP4_DEC=fp4_decoder(q.device) if kv_fmt == 1 else 0,
         num_warps=nw, num_stages=ns,
     )

@@ -24,6 +24,10 @@ Fields (``None`` = the table's choice; see docs/API.md §9):
     Tile config of the prefill kernel for element K/V (``sparse_atten_func``) and for packed NVFP4 K/V
     (``sparse_atten_nvfp4_kv_func``): a ``prefill_kernel.PrefillConfig``, a tuple
     ``(bmt, bns, num_warps, num_stages[, block_list])`` or the same as a comma-separated string.
+``prefill_nvfp4_stage_bytes``
+    Largest workspace (bytes, K and V together) for which ``sparse_atten_nvfp4_kv_func`` decodes the K/V it
+    can read once into element tiles and runs the element kernel (``prefill_kernel.NVFP4_STAGE_MAX_BYTES``);
+    larger calls, and every call with 0, run the fused NVFP4 kernel (no K/V copy).
 ``prefill_fp4_decoder``
     NVFP4 tile decoder of the prefill kernel: 2 = fp32 tiles in the compute dtype (the default),
     0 = fp16 tiles with the portable decoder, 1 = fp16 tiles with the inline-PTX decoder (GPU only;
@@ -61,6 +65,7 @@ class Overrides:
     prefill: Optional[Any] = None  # prefill_kernel.PrefillConfig
     prefill_nvfp4: Optional[Any] = None  # prefill_kernel.PrefillConfig
     prefill_fp4_decoder: Optional[int] = None
+    prefill_nvfp4_stage_bytes: Optional[int] = None
     csr_chunk_entries: Optional[int] = None
     decode_fp4_decoder: Optional[int] = None
     decode_fp4_prefetch: Optional[int] = None
@@ -91,7 +96,7 @@ def _choice(name: str, value, allowed):
 
 @contextlib.contextmanager
 def override(*, prefill=None, prefill_nvfp4=None, prefill_fp4_decoder: Optional[int] = None,
-             csr_chunk_entries: Optional[int] = None, decode_fp4_decoder: Optional[int] = None,
+             prefill_nvfp4_stage_bytes: Optional[int] = None, csr_chunk_entries: Optional[int] = None, decode_fp4_decoder: Optional[int] = None,
              decode_fp4_prefetch: Optional[int] = None, decode=None, decode_nvfp4=None, decode_scores=None):
     """Context manager: use the given launch choices inside the block (arguments left ``None`` keep the
     enclosing choice). Values are checked on entry (``ValueError`` / ``TypeError``). Yields the active
@@ -108,6 +113,12 @@ def override(*, prefill=None, prefill_nvfp4=None, prefill_fp4_decoder: Optional[
         new["prefill_nvfp4"] = PrefillConfig.coerce("prefill_nvfp4", prefill_nvfp4)
     if prefill_fp4_decoder is not None:
         new["prefill_fp4_decoder"] = _choice("prefill_fp4_decoder", prefill_fp4_decoder, (0, 1, 2))
+    if prefill_nvfp4_stage_bytes is not None:
+        if (isinstance(prefill_nvfp4_stage_bytes, bool) or not isinstance(prefill_nvfp4_stage_bytes, int)
+                or prefill_nvfp4_stage_bytes < 0):
+            raise ValueError("tuning.override: prefill_nvfp4_stage_bytes must be a non-negative int, got "
+                             f"{prefill_nvfp4_stage_bytes!r}")
+        new["prefill_nvfp4_stage_bytes"] = prefill_nvfp4_stage_bytes
     if csr_chunk_entries is not None:
         if isinstance(csr_chunk_entries, bool) or not isinstance(csr_chunk_entries, int) or csr_chunk_entries < 1:
             raise ValueError(f"tuning.override: csr_chunk_entries must be a positive int, got {csr_chunk_entries!r}")
