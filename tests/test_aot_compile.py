@@ -84,7 +84,8 @@ for arch in (90, 100, 120, 121):
         d128 = [c for c in dcfgs if c.args['D'] == 128 and (c.args['KV_FMT'] == dk.KV_NVFP4) == nv]
         assert {c.num_warps for c in d128} == {cfg.num_warps[128]}, (arch, nv)
         assert max(c.args['BLOCK_M'] for c in d128) == cfg.m_cap[128], (arch, nv)
-    cfgs = pf.aot_configs(arch)
+    cfgs = [c for c in pf.aot_configs(arch) if c.fn is pf._prefill_fwd_kernel]  # (+ the NVFP4 staging kernel)
+    assert any(c.fn is pf._nvfp4_stage_kernel for c in pf.aot_configs(arch))
     for nv in (0, 1):  # element K/V, NVFP4 K/V (KV_FMT=1, its own table)
         got = {(c.args['G'], c.args['BMT'], c.args['BNS'], c.num_warps, c.num_stages) for c in cfgs
                if c.args['KV_FMT'] == nv}
