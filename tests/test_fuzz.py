@@ -431,6 +431,58 @@ def test_fuzz_prefill(c):
         assert (out.cpu()[unowned] == 0).all() and torch.isneginf(lse.cpu()[unowned]).all()
 
 
+def _nvfp4_exact(qx):
+    """float64 values of an NVFP4 tensor: ``e2m1 * E4M3 scale`` (exact) times the fp32 global scale."""
+    g = qx.global_scale.reshape(-1)[0].double().cpu()
+    return msa.dequantize_nvfp4_128x4_to_bf16(qx, include_global_scale=False).double().cpu() * g
+
+
+@fuzz(ci=6, gpu=600)
+@given(c=prefill_cases(), staged=st.booleans())
+def test_fuzz_prefill_nvfp4(c, staged):
+    """sparse_atten_nvfp4_kv_func on quantised K/V, staged (K/V decoded once, element kernel) and fused (decoded
+    in the attention loop), dense and paged (the pool of every page, or a larger pool gathered through a table
+    with aliased pages and garbage columns), against float64 of the exactly decoded K/V."""
+    gen = gen_of(c["seed"])
+    lq, lk, hkv, topk = c["lq"], c["lk"], c["hkv"], c["topk"]
+    hq = hkv * c["g"]
+    cuq = [c["lead"]]
+    for x in lq:
+        cuq.append(cuq[-1] + x)
+    total_q = cuq[-1] + c["tail"]
+    total_k = sum(lk)
+    q = randn((total_q, hq, 128), gen, ADT)
+    nbs = [0] * total_q
+    for b in range(len(lq)):
+        for t in range(cuq[b], cuq[b + 1]):
+            nbs[t] = -(-lk[b] // 128)
+    q2k = index_tensor(nbs, hkv, topk, gen)
+    cu_q = torch.tensor(cuq, dtype=torch.int32).to(DEV)
+    cu_k = torch.tensor([0] + torch.tensor(lk, dtype=torch.int64).cumsum(0).tolist(), dtype=torch.int32).to(DEV)
+    max_k = max(lk + [1])
+    rp, qi = msa.build_k2q_csr(q2k, cu_q, cu_k, 128, total_k=total_k)
+    args = dict(cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=max(lq + [1]), max_seqlen_k=max_k,
+                causal=c["causal"], softmax_scale=c["scale"], return_softmax_lse=True)
+    if c["paged"]:
+        maxp = max([-(-x // 128) for x in lk] + [1]) + c["extra_cols"]
+        num_pages = max(len(lk) * maxp + (2 if c["lead"] else 0), 1)  # staged: the pool, or (+2) gathered
+        kv = [randn((num_pages, hkv, 128, 128), gen, ADT) for _ in range(2)]
+        pt = page_table(lk, maxp, num_pages, gen, c["table"])
+        args.update(page_table=pt, seqused_k=torch.tensor(lk, dtype=torch.int32).to(DEV))
+    else:
+        kv = [randn((total_k, hkv, 128), gen, ADT) for _ in range(2)]
+    qk, qv = msa.quantize_kv_bf16_to_nvfp4_128x4(kv[0], kv[1])
+    with msa.tuning.override(prefill_nvfp4_stage_bytes=(1 << 40) if staged else 0):
+        out, lse = msa.sparse_atten_nvfp4_kv_func(q, qk.data, qv.data, qk.scale_128x4, qv.scale_128x4,
+                                                  qk.global_scale, qv.global_scale, rp, qi, topk, **args)
+    assert out.shape == (total_q, hq, 128) and out.dtype == ADT and lse.shape == (total_q, hq)
+    kx, vx = _nvfp4_exact(qk), _nvfp4_exact(qv)
+    paged = (kx, vx, args["page_table"]) if c["paged"] else None
+    o_ref, lse_ref, _ = prefill_reference(q, None if paged else kx, None if paged else vx, q2k, cuq, lk,
+                                          dict(c, tau=None), paged)
+    check_attention(out, lse, o_ref, lse_ref, f"prefill nvfp4 {'staged' if staged else 'fused'} {c}")
+
+
 # ------------------------------------------------------------------------------------------------------------
 # build_k2q_csr: the PyTorch path and the Triton path, exact against the spec steps
 # ------------------------------------------------------------------------------------------------------------
