@@ -10,7 +10,7 @@ if [ ! -x .venv/bin/python ]; then
 fi
 # shellcheck disable=SC1091
 . .venv/bin/activate
-if ! python -c "import torch, triton, kernels, pytest, hypothesis, numpy, setuptools, ninja" >/dev/null 2>&1 \
+if ! python -c "import torch, triton, kernels, pytest, xdist, hypothesis, numpy, setuptools, ninja" >/dev/null 2>&1 \
    || ! python -c "import kernels, torch, sys; sys.exit(0 if kernels.__version__ == '0.17.2' and torch.version.cuda else 1)" >/dev/null 2>&1; then
   echo "[setup_env] installing requirements-dev.txt (torch CUDA build, Triton, kernels 0.17.2, hypothesis, ...)"
   python -m pip install -q --upgrade pip

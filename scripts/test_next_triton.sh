@@ -10,10 +10,11 @@ if [ ! -x .venv-next/bin/python ]; then
   "$PY" -m venv .venv-next || exit 1
 fi
 .venv-next/bin/python -m pip install -q --upgrade pip >/dev/null 2>&1
-.venv-next/bin/python -m pip install -q "torch==2.13.0" pytest numpy hypothesis || exit 1
+.venv-next/bin/python -m pip install -q "torch==2.13.0" pytest pytest-xdist numpy hypothesis || exit 1
 .venv-next/bin/python -m pip install -q --upgrade --no-deps triton || exit 1
 .venv-next/bin/python -c "import torch, triton; print(f'[next-triton] torch {torch.__version__}, triton {triton.__version__}')"
-MSA_TEST_SOURCE_TREE=1 TRITON_INTERPRET=1 .venv-next/bin/python -m pytest tests -m kernels_ci -q -p no:cacheprovider \
+NW=$(.venv-next/bin/python -c 'import os; print(max(1, min(4, len(os.sched_getaffinity(0)))))')
+MSA_TEST_SOURCE_TREE=1 TRITON_INTERPRET=1 .venv-next/bin/python -m pytest tests -m kernels_ci -q -p no:cacheprovider -n "$NW" \
   --ignore=tests/test_aot_compile.py --ignore=tests/test_layout.py --ignore=tests/test_package.py "$@"
 rc=$?
 # AOT compile check of the decode kernel under the newest Triton (its launch table depends on the Triton version:
