@@ -365,34 +365,47 @@ def prefill_reference(q, kd, vd, q2k, cuq, lk, c, paged=None):
     return o, lse, lse_t
 
 
-@fuzz(ci=12, gpu=1500)
-@given(c=prefill_cases())
-def test_fuzz_prefill(c):
-    gen = gen_of(c["seed"])
-    lq, lk, hkv, topk = c["lq"], c["lk"], c["hkv"], c["topk"]
-    hq = hkv * c["g"]
+def _prefill_rows(c):
+    """Row layout of a prefill case: ``(Hq, cu_seqlens_q list, total_q, total_k, blocks per query row)``; rows
+    before ``lead`` and the ``tail`` rows after the last request belong to no request (0 blocks)."""
+    lq, lk = c["lq"], c["lk"]
     cuq = [c["lead"]]
     for x in lq:
         cuq.append(cuq[-1] + x)
     total_q = cuq[-1] + c["tail"]
-    total_k = sum(lk)
+    nbs = [0] * total_q
+    for b in range(len(lq)):
+        for t in range(cuq[b], cuq[b + 1]):
+            nbs[t] = -(-lk[b] // 128)
+    return c["hkv"] * c["g"], cuq, total_q, sum(lk), nbs
+
+
+def _prefill_csr_args(c, cuq, q2k, total_k, csr_max_k):
+    """``build_k2q_csr`` of ``q2k`` and the keyword arguments shared by the prefill calls: ``(row_ptr, q_idx,
+    args)``; ``csr_max_k``: pass ``max_seqlen_k`` to the CSR builder too."""
+    lq, lk = c["lq"], c["lk"]
+    cu_q = torch.tensor(cuq, dtype=torch.int32).to(DEV)
+    cu_k = torch.tensor([0] + torch.tensor(lk, dtype=torch.int64).cumsum(0).tolist(), dtype=torch.int32).to(DEV)
+    max_k = max(lk + [1])
+    rp, qi = msa.build_k2q_csr(q2k, cu_q, cu_k, 128, total_k=total_k, max_seqlen_k=max_k if csr_max_k else None)
+    args = dict(cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=max(lq + [1]), max_seqlen_k=max_k,
+                causal=c["causal"], softmax_scale=c["scale"], return_softmax_lse=True)
+    return rp, qi, args
+
+
+@fuzz(ci=12, gpu=1500)
+@given(c=prefill_cases())
+def test_fuzz_prefill(c):
+    gen = gen_of(c["seed"])
+    lk, hkv, topk = c["lk"], c["hkv"], c["topk"]
+    hq, cuq, total_q, total_k, nbs = _prefill_rows(c)
     kv_dtype = FP8 if c["fp8"] else ADT
     if c["strided_q"]:
         q = randn((hq, total_q, 128), gen, ADT).permute(1, 0, 2)
     else:
         q = randn((total_q, hq, 128), gen, ADT)
-    nbs = [0] * total_q
-    for b in range(len(lq)):
-        for t in range(cuq[b], cuq[b + 1]):
-            nbs[t] = -(-lk[b] // 128)
     q2k = index_tensor(nbs, hkv, topk, gen)
-    cu_q = torch.tensor(cuq, dtype=torch.int32).to(DEV)
-    cu_k = torch.tensor([0] + torch.tensor(lk, dtype=torch.int64).cumsum(0).tolist(), dtype=torch.int32).to(DEV)
-    max_k = max(lk + [1])
-    rp, qi = msa.build_k2q_csr(q2k, cu_q, cu_k, 128, total_k=total_k,
-                               max_seqlen_k=max_k if c["csr_max_k"] == "max" else None)
-    args = dict(cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=max(lq + [1]), max_seqlen_k=max_k,
-                causal=c["causal"], softmax_scale=c["scale"], return_softmax_lse=True)
+    rp, qi, args = _prefill_csr_args(c, cuq, q2k, total_k, c["csr_max_k"] == "max")
     if c["tau"] is not None:
         args.update(lse_temperature_scale=c["tau"], return_temperature_lse=True)
     paged = None
@@ -444,25 +457,11 @@ def test_fuzz_prefill_nvfp4(c, staged):
     in the attention loop), dense and paged (the pool of every page, or a larger pool gathered through a table
     with aliased pages and garbage columns), against float64 of the exactly decoded K/V."""
     gen = gen_of(c["seed"])
-    lq, lk, hkv, topk = c["lq"], c["lk"], c["hkv"], c["topk"]
-    hq = hkv * c["g"]
-    cuq = [c["lead"]]
-    for x in lq:
-        cuq.append(cuq[-1] + x)
-    total_q = cuq[-1] + c["tail"]
-    total_k = sum(lk)
+    lk, hkv, topk = c["lk"], c["hkv"], c["topk"]
+    hq, cuq, total_q, total_k, nbs = _prefill_rows(c)
     q = randn((total_q, hq, 128), gen, ADT)
-    nbs = [0] * total_q
-    for b in range(len(lq)):
-        for t in range(cuq[b], cuq[b + 1]):
-            nbs[t] = -(-lk[b] // 128)
     q2k = index_tensor(nbs, hkv, topk, gen)
-    cu_q = torch.tensor(cuq, dtype=torch.int32).to(DEV)
-    cu_k = torch.tensor([0] + torch.tensor(lk, dtype=torch.int64).cumsum(0).tolist(), dtype=torch.int32).to(DEV)
-    max_k = max(lk + [1])
-    rp, qi = msa.build_k2q_csr(q2k, cu_q, cu_k, 128, total_k=total_k)
-    args = dict(cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=max(lq + [1]), max_seqlen_k=max_k,
-                causal=c["causal"], softmax_scale=c["scale"], return_softmax_lse=True)
+    rp, qi, args = _prefill_csr_args(c, cuq, q2k, total_k, False)
     if c["paged"]:
         maxp = max([-(-x // 128) for x in lk] + [1]) + c["extra_cols"]
         num_pages = max(len(lk) * maxp + (2 if c["lead"] else 0), 1)  # staged: the pool, or (+2) gathered
